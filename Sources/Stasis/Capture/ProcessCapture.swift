@@ -1,0 +1,174 @@
+import CStasis
+import Glibc
+
+/// Everything about a frozen process except its page contents: the records that precede the
+/// page blocks in an image, and the plan of which pages to store.
+public struct CapturedState {
+    public var process: ProcessRecord
+    public var threads: [ThreadRecord]
+    public var mappings: [MappingRecord]
+    public var files: FileTable
+    /// For each entry of `mappings`, the page ranges that hold the process's own data.
+    public var pageRanges: [[Range<UInt64>]]
+}
+
+/// Reads the state of a `FrozenProcess`: /proc, ptrace register sets, and a few system calls
+/// executed inside the process for what only the process itself can ask the kernel
+/// (signal dispositions, sigaltstack, clear_child_tid, the current brk).
+///
+/// Guarantees: refuses, with `StasisError.unsupported` naming the PID and the object, anything
+/// it cannot restore faithfully; leaves no mapping, register or signal change behind in the
+/// process (the scratch page it maps is unmapped, injected registers are put back).
+enum ProcessCapture {
+    static func capture(_ frozen: FrozenProcess) throws -> CapturedState {
+        let pid = frozen.pid
+        let entries = try ProcFS.mappings(pid)
+        let mappings = try MappingClassifier.classify(entries, pid: pid)
+        let files = try FileTableCapture.capture(pid: pid)
+        guard let vdso = entries.first(where: { $0.name == "[vdso]" }),
+              let syscallInstruction = try findSyscallInstruction(pid: pid, in: vdso)
+        else {
+            throw StasisError.unsupported(pid: pid, what: "no [vdso] mapping with a syscall instruction")
+        }
+
+        // What only the process can tell: ask through its own threads.
+        let status = try ProcFS.status("/proc/\(pid)/status")
+        let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
+        let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
+        let main = try RemoteSyscaller(tracer: frozen.tracer, tid: pid, syscallInstruction: syscallInstruction)
+        let scratch = try main.call(.mmap, 0, 4096, UInt64(PROT_READ | PROT_WRITE),
+                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch page")
+        let memory = RemoteMemory(pid: pid)
+        var actions: [SignalAction] = []
+        var threadExtras: [pid_t: (AlternateStack, UInt64)] = [:]
+        var currentBrk: UInt64 = 0
+        do {
+            for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
+                let bit = UInt64(1) << UInt64(signal - 1)
+                if caught & bit != 0 || signal == SIGCHLD {
+                    try main.call(.rtSigaction, UInt64(signal), 0, scratch, 8, what: "signal \(signal)")
+                    let raw = try memory.read(scratch, count: 32)
+                    let action = SignalAction(signal: signal, handler: raw.readLE(UInt64.self, at: 0),
+                                              flags: raw.readLE(UInt64.self, at: 8), restorer: raw.readLE(UInt64.self, at: 16),
+                                              mask: raw.readLE(UInt64.self, at: 24))
+                    if action.handler != 0 || action.flags != 0 || action.mask != 0 { actions.append(action) }
+                } else if ignored & bit != 0 {
+                    actions.append(SignalAction(signal: signal, handler: 1, flags: 0, restorer: 0, mask: 0))
+                }
+            }
+            currentBrk = try main.call(.brk, 0)
+            for tid in frozen.threads {
+                let caller = tid == pid ? main
+                    : try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction)
+                try caller.call(.sigaltstack, 0, scratch, what: "read sigaltstack")
+                let stack = try memory.read(scratch, count: 24)
+                try caller.call(.prctl, 40 /* PR_GET_TID_ADDRESS */, scratch, what: "PR_GET_TID_ADDRESS")
+                let clearTID = try memory.readValue(scratch, as: UInt64.self)
+                threadExtras[tid] = (AlternateStack(base: stack.readLE(UInt64.self, at: 0),
+                                                    flags: stack.readLE(Int32.self, at: 8),
+                                                    size: stack.readLE(UInt64.self, at: 16)), clearTID)
+                if tid != pid { try caller.finish() }
+            }
+        } catch {
+            _ = try? main.call(.munmap, scratch, 4096)
+            try? main.finish()
+            throw error
+        }
+        try main.call(.munmap, scratch, 4096, what: "scratch page")
+        try main.finish()
+
+        var threads: [ThreadRecord] = []
+        for tid in frozen.threads {
+            let (alternateStack, clearTID) = threadExtras[tid]!
+            var robustHead: UInt64 = 0, robustLength: UInt64 = 0
+            _ = try checked(stasis_get_robust_list(tid, &robustHead, &robustLength), "get_robust_list", "tid \(tid)")
+            threads.append(ThreadRecord(
+                tid: tid,
+                name: (try? readTextFile("/proc/\(pid)/task/\(tid)/comm"))?.trimmingCharacters() ?? "",
+                registers: frozen.registersAtFreeze(tid).normalizedForResume(keepRestartBlock: false),
+                extendedState: try frozen.tracer.extendedState(tid),
+                blockedSignals: frozen.originalMask(tid),
+                pendingSignals: try frozen.tracer.pendingSignals(tid, shared: false),
+                alternateStack: alternateStack,
+                rseq: try frozen.tracer.rseqConfiguration(tid),
+                robustListHead: robustHead,
+                robustListLength: robustLength,
+                clearChildTID: clearTID))
+        }
+
+        let process = try captureProcessRecord(frozen, status: status, actions: actions, brk: currentBrk)
+        var ranges: [[Range<UInt64>]] = []
+        var recorded = mappings
+        let scanner = try PageScanner(pid: pid)
+        for (index, mapping) in mappings.enumerated() {
+            switch mapping.backing {
+            case .anonymous, .privateFile:
+                let found = try scanner.ownedRanges(start: mapping.start, end: mapping.end,
+                                                    privateFile: mapping.backing == .privateFile)
+                ranges.append(found)
+                recorded[index].residentPages = found.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) / 4096 }
+            default:
+                ranges.append([])
+            }
+        }
+        return CapturedState(process: process, threads: threads, mappings: recorded, files: files, pageRanges: ranges)
+    }
+
+    private static func captureProcessRecord(
+        _ frozen: FrozenProcess, status: [String: String], actions: [SignalAction], brk: UInt64
+    ) throws -> ProcessRecord {
+        let pid = frozen.pid
+        let stat = try ProcFS.stat(pid)
+        func field(_ number: Int) -> UInt64 { UInt64(stat[number] ?? "0") ?? 0 }
+        let layout = MemoryLayoutRecord(
+            startCode: field(26), endCode: field(27), startData: field(45), endData: field(46),
+            startBrk: field(47), brk: brk, startStack: field(28), argStart: field(48), argEnd: field(49),
+            envStart: field(50), envEnd: field(51))
+        let auxvBytes = try ProcFS.auxiliaryVector(pid)
+        var auxv: [UInt64] = []
+        for index in stride(from: 0, to: auxvBytes.count - 7, by: 8) { auxv.append(auxvBytes.readLE(UInt64.self, at: index)) }
+        var limits: [ResourceLimit] = []
+        for resource in Int32(0)..<16 {
+            var old = rlimit()
+            _ = try checked(stasis_prlimit(pid, resource, nil, &old), "prlimit", "pid \(pid) resource \(resource)")
+            limits.append(ResourceLimit(resource: resource, soft: UInt64(old.rlim_cur), hard: UInt64(old.rlim_max)))
+        }
+        func ids(_ key: String) -> [UInt32] { (status[key] ?? "").split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) } }
+        let cmdline = (try? readTextFile("/proc/\(pid)/cmdline")) ?? ""
+        let executable = try readLink("/proc/\(pid)/exe")
+        if executable.hasSuffix(" (deleted)") {
+            throw StasisError.unsupported(pid: pid, what: "its executable \(executable) was deleted")
+        }
+        var utsname = utsname()
+        uname(&utsname)
+        let release = withUnsafeBytes(of: utsname.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return ProcessRecord(
+            pid: pid,
+            name: (try? readTextFile("/proc/\(pid)/comm"))?.trimmingCharacters() ?? "",
+            commandLine: cmdline.split(separator: "\0", omittingEmptySubsequences: false).dropLast().map(String.init),
+            executable: executable,
+            executableIdentity: try? FileIdentity.of("/proc/\(pid)/exe"),
+            workingDirectory: try readLink("/proc/\(pid)/cwd"),
+            umask: UInt32(status["Umask"] ?? "22", radix: 8) ?? 0o22,
+            personality: UInt32((try? readTextFile("/proc/\(pid)/personality"))?.trimmingCharacters() ?? "0", radix: 16) ?? 0,
+            credentials: Credentials(uids: ids("Uid"), gids: ids("Gid"), groups: ids("Groups")),
+            limits: limits,
+            memoryLayout: layout,
+            auxiliaryVector: auxv,
+            signalActions: actions,
+            sharedPendingSignals: try frozen.tracer.pendingSignals(pid, shared: true),
+            kernelRelease: release,
+            snapshotTimeNanoseconds: Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec))
+    }
+}
+
+extension FileIdentity {
+    /// The identity of the file at `path` (following links, as /proc/PID/fd/N and map_files do).
+    static func of(_ path: String) throws -> FileIdentity {
+        let st = try statPath(path)
+        return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
+                            modifiedNanoseconds: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
+    }
+}

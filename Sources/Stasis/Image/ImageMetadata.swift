@@ -1,0 +1,69 @@
+/// The records that precede an image's page blocks, read and checked as a whole.
+public struct ImageMetadata: Sendable {
+    public var process: ProcessRecord
+    public var threads: [ThreadRecord]
+    public var mappings: [MappingRecord]
+    public var files: FileTable
+
+    /// Reads records from `reader` up to and including the file table, which is the last
+    /// record before page blocks. Throws an `ImageError` naming the record that is missing,
+    /// out of order or inconsistent.
+    public static func read(from reader: ImageReader) throws -> ImageMetadata {
+        var process: ProcessRecord?
+        var threads: [ThreadRecord] = []
+        var mappings: [MappingRecord]?
+        while true {
+            guard let item = try reader.next() else {
+                throw ImageError(problem: .malformed("the image ends before its file table"), recordIndex: reader.recordIndex,
+                                 kind: nil, offset: reader.offset)
+            }
+            guard case let .record(kind, payload) = item else {
+                throw reader.malformed("page data before the process, thread, mapping and file records", kind: .pages)
+            }
+            switch kind {
+            case .process:
+                guard process == nil else { throw reader.malformed("a second process record", kind: kind) }
+                process = try reader.decode(ProcessRecord.self, payload, kind: kind)
+            case .thread:
+                guard process != nil else { throw reader.malformed("thread record before the process record", kind: kind) }
+                threads.append(try reader.decode(ThreadRecord.self, payload, kind: kind))
+            case .mappings:
+                mappings = try reader.decode(MappingTable.self, payload, kind: kind).mappings
+            case .files:
+                let files = try reader.decode(FileTable.self, payload, kind: kind)
+                guard let process, let mappings else {
+                    throw reader.malformed("file table before the process and mapping records", kind: kind)
+                }
+                guard let first = threads.first, first.tid == process.pid else {
+                    throw reader.malformed("the first thread record is not the main thread \(process.pid)", kind: kind)
+                }
+                guard Set(threads.map(\.tid)).count == threads.count else {
+                    throw reader.malformed("two thread records with the same TID", kind: kind)
+                }
+                let metadata = ImageMetadata(process: process, threads: threads, mappings: mappings, files: files)
+                if let overlap = metadata.firstOverlap() {
+                    throw reader.malformed("mappings overlap at 0x\(String(overlap, radix: 16))", kind: .mappings)
+                }
+                return metadata
+            case .pages, .end:
+                throw reader.malformed("\(kind) record before the file table", kind: kind)
+            }
+        }
+    }
+
+    /// The start of the first mapping that overlaps its predecessor, if any.
+    func firstOverlap() -> UInt64? {
+        let sorted = mappings.sorted { $0.start < $1.start }
+        for (previous, next) in zip(sorted, sorted.dropFirst()) where next.start < previous.end { return next.start }
+        for mapping in mappings where mapping.end <= mapping.start || mapping.start % 4096 != 0 || mapping.end % 4096 != 0 {
+            return mapping.start
+        }
+        return nil
+    }
+
+    /// The index of the restorable mapping that wholly contains a run, if any.
+    func mappingIndex(containing run: PageRun) -> Int? {
+        let end = run.address + run.pages * 4096
+        return mappings.firstIndex { ($0.backing == .anonymous || $0.backing == .privateFile) && $0.start <= run.address && end <= $0.end }
+    }
+}

@@ -1,0 +1,146 @@
+import Glibc
+
+/// Parsers for the /proc files Stasis reads. Each returns plain values; a file that cannot be
+/// read is a `SystemCallError` naming its path.
+public enum ProcFS {
+    /// One line of /proc/PID/maps.
+    public struct MapEntry: Sendable, Equatable {
+        public var start: UInt64
+        public var end: UInt64
+        public var readable, writable, executable, shared: Bool
+        public var offset: UInt64
+        public var deviceMajor: UInt32
+        public var deviceMinor: UInt32
+        public var inode: UInt64
+        /// The path or pseudo-name ([heap], [stack], [vdso], …); empty for anonymous memory.
+        public var name: String
+        /// The two-letter VmFlags from /proc/PID/smaps (e.g. "gd", "dc", "hg").
+        public var vmFlags: [String] = []
+    }
+
+    static func task(_ pid: pid_t) -> String { "/proc/\(pid)" }
+
+    /// The TIDs under /proc/PID/task, sorted.
+    public static func threadIDs(_ pid: pid_t) throws -> [pid_t] {
+        let path = "/proc/\(pid)/task"
+        guard let dir = opendir(path) else {
+            throw SystemCallError(call: "opendir", subject: path, errno: .init(rawValue: errno))
+        }
+        defer { closedir(dir) }
+        var tids: [pid_t] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if let tid = pid_t(name) { tids.append(tid) }
+        }
+        return tids.sorted()
+    }
+
+    /// The numeric entries of /proc/PID/fd, sorted.
+    public static func fileDescriptors(_ pid: pid_t) throws -> [Int32] {
+        let path = "/proc/\(pid)/fd"
+        guard let dir = opendir(path) else {
+            throw SystemCallError(call: "opendir", subject: path, errno: .init(rawValue: errno))
+        }
+        defer { closedir(dir) }
+        var fds: [Int32] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if let fd = Int32(name) { fds.append(fd) }
+        }
+        return fds.sorted()
+    }
+
+    /// /proc/PID/smaps reduced to the maps lines plus each mapping's VmFlags.
+    public static func mappings(_ pid: pid_t) throws -> [MapEntry] {
+        let text = try readTextFile("/proc/\(pid)/smaps")
+        var entries: [MapEntry] = []
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+            if line.hasPrefix("VmFlags:") {
+                if !entries.isEmpty {
+                    entries[entries.count - 1].vmFlags = line.dropFirst(8).split(separator: " ").map(String.init)
+                }
+                continue
+            }
+            if let entry = parseMapLine(line) { entries.append(entry) }
+        }
+        return entries
+    }
+
+    /// Parses one maps line; returns nil for the smaps detail lines ("Rss:   4 kB").
+    static func parseMapLine(_ line: Substring) -> MapEntry? {
+        var fields: [Substring] = []
+        var rest = line[...]
+        for _ in 0..<5 {
+            rest = rest.drop(while: { $0 == " " })
+            guard let space = rest.firstIndex(of: " ") else { return nil }
+            fields.append(rest[..<space])
+            rest = rest[space...]
+        }
+        let name = String(rest.drop(while: { $0 == " " }))
+        let range = fields[0].split(separator: "-")
+        guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16)
+        else { return nil }
+        let perms = Array(fields[1])
+        guard perms.count == 4 else { return nil }
+        let device = fields[3].split(separator: ":")
+        guard device.count == 2, let offset = UInt64(fields[2], radix: 16),
+              let major = UInt32(device[0], radix: 16), let minor = UInt32(device[1], radix: 16),
+              let inode = UInt64(fields[4])
+        else { return nil }
+        return MapEntry(
+            start: start, end: end, readable: perms[0] == "r", writable: perms[1] == "w",
+            executable: perms[2] == "x", shared: perms[3] == "s", offset: offset,
+            deviceMajor: major, deviceMinor: minor, inode: inode, name: name)
+    }
+
+    /// The "Key:\tvalue" lines of /proc/PID/status (or /proc/PID/task/TID/status).
+    public static func status(_ path: String) throws -> [String: String] {
+        let text = try readTextFile(path)
+        var result: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingCharacters()
+        }
+        return result
+    }
+
+    /// The fields of /proc/PID/stat after the command name, numbered as in proc(5) (field 3 is
+    /// the state). The command name itself may contain spaces and parentheses.
+    public static func stat(_ pid: pid_t) throws -> [Int: String] {
+        let text = try readTextFile("/proc/\(pid)/stat")
+        guard let close = text.lastIndex(of: ")") else {
+            throw SystemCallError(call: "parse", subject: "/proc/\(pid)/stat", errno: .invalidArgument)
+        }
+        var result: [Int: String] = [:]
+        for (index, field) in text[text.index(after: close)...].split(separator: " ").enumerated() {
+            result[index + 3] = String(field).trimmingCharacters()
+        }
+        return result
+    }
+
+    /// /proc/PID/fdinfo/FD as key/value pairs ("pos", "flags", "mnt_id", "ino").
+    public static func fdInfo(_ pid: pid_t, _ fd: Int32) throws -> [String: String] {
+        try status("/proc/\(pid)/fdinfo/\(fd)")
+    }
+
+    /// /proc/PID/auxv, the ELF auxiliary vector as raw bytes.
+    public static func auxiliaryVector(_ pid: pid_t) throws -> [UInt8] {
+        let handle = try FileHandle.open("/proc/\(pid)/auxv", O_RDONLY)
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        let count = try bytes.withUnsafeMutableBytes { (raw) throws in
+            try handle.readFully(into: raw.baseAddress!, count: raw.count)
+        }
+        return Array(bytes[0..<count])
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters() -> String {
+        String(drop(while: { $0 == " " || $0 == "\t" || $0 == "\n" }).reversed()
+            .drop(while: { $0 == " " || $0 == "\t" || $0 == "\n" }).reversed())
+    }
+}

@@ -1,0 +1,62 @@
+import CStasis
+import Glibc
+
+/// Recreates a process's threads with their original TIDs and gives every thread its
+/// kernel-held state (robust futex list, clear_child_tid, sigaltstack, name, rseq) and finally
+/// its registers and signal mask.
+enum ThreadBuilder {
+    static let threadFlags: UInt64 = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
+    // CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+
+    /// Creates every thread after the first with clone3(set_tid) injected into the main thread.
+    static func createThreads(_ threads: [ThreadRecord], process: RestoredProcess, caller: RemoteSyscaller, scratch: RemoteScratch) throws {
+        for thread in threads.dropFirst() {
+            scratch.reset()
+            let tidArray = try scratch.place(words: [UInt64(UInt32(bitPattern: thread.tid))])
+            // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+            // stack_size, tls, set_tid, set_tid_size, cgroup
+            let args = try scratch.place(words: [threadFlags, 0, 0, 0, 0, 0, 0, 0, tidArray, 1, 0])
+            let created: UInt64
+            do {
+                created = try caller.call(.clone3, args, 88, what: "clone3(set_tid=\(thread.tid))")
+            } catch {
+                if pathExists("/proc/\(thread.tid)") {
+                    throw StasisError.pidTaken(pid: thread.tid, by: describeProcess(thread.tid))
+                }
+                throw error
+            }
+            guard created == UInt64(UInt32(bitPattern: thread.tid)) else {
+                throw StasisError.restoreFailed(pid: process.pid, step: "creating thread \(thread.tid)", reason: "the kernel gave TID \(created)")
+            }
+            try process.adopt(thread: thread.tid)
+        }
+    }
+
+    /// Gives one thread its kernel-held state through injected calls in that thread.
+    static func restoreKernelState(_ thread: ThreadRecord, caller: RemoteSyscaller, scratch: RemoteScratch) throws {
+        if thread.robustListHead != 0 {
+            try caller.call(.setRobustList, thread.robustListHead, thread.robustListLength, what: "set_robust_list")
+        }
+        try caller.call(.setTIDAddress, thread.clearChildTID, what: "set_tid_address")
+        scratch.reset()
+        var stack: [UInt8] = []
+        let disabled = thread.alternateStack.flags & 2 != 0
+        stack.appendLE(disabled ? 0 : thread.alternateStack.base)
+        stack.appendLE(disabled ? Int32(2) : thread.alternateStack.flags & Int32(bitPattern: 0x8000_0000))  // keep SS_AUTODISARM
+        stack.appendLE(Int32(0))
+        stack.appendLE(disabled ? 0 : thread.alternateStack.size)
+        try caller.call(.sigaltstack, try scratch.place(stack), 0, what: "sigaltstack")
+        let name = Array(thread.name.utf8.prefix(15)) + [0]
+        try caller.call(.prctl, 15 /* PR_SET_NAME */, try scratch.place(name), 0, 0, 0, what: "PR_SET_NAME")
+        if let rseq = thread.rseq {
+            try caller.call(.rseq, rseq.address, UInt64(rseq.length), 0, UInt64(rseq.signature), what: "rseq registration")
+        }
+    }
+
+    /// Sets the registers (general and extended) and the blocked-signal mask the thread resumes with.
+    static func restoreCPUState(_ thread: ThreadRecord, tracer: Tracer) throws {
+        try tracer.setExtendedState(thread.tid, thread.extendedState)
+        try tracer.setRegisters(thread.tid, thread.registers)
+        try tracer.setSignalMask(thread.tid, thread.blockedSignals)
+    }
+}

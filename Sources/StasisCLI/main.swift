@@ -1,0 +1,5 @@
+import ArgumentParser
+import Glibc
+import Stasis
+
+StasisCommand.main()
