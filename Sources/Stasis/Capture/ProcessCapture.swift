@@ -160,7 +160,9 @@ enum ProcessCapture {
             signalActions: actions,
             sharedPendingSignals: try frozen.tracer.pendingSignals(pid, shared: true),
             kernelRelease: release,
-            snapshotTimeNanoseconds: Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec))
+            snapshotTimeNanoseconds: Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec),
+            startTime: field(22),
+            bootID: currentBootID())
     }
 }
 
@@ -171,4 +173,9 @@ extension FileIdentity {
         return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
                             modifiedNanoseconds: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
     }
+}
+
+/// This boot's random ID, from /proc/sys/kernel/random/boot_id.
+func currentBootID() -> String? {
+    (try? readTextFile("/proc/sys/kernel/random/boot_id"))?.trimmingCharacters()
 }

@@ -170,7 +170,8 @@ public final class FrozenProcess {
         guard !released else { return }
         released = true
         _ = Glibc.kill(pid, SIGKILL)
-        for tid in threads {
+        // The main thread's exit is reported only after every other thread's: wait for it last.
+        for tid in threads.reversed() {
             while true {
                 guard let event = try? tracer.waitForEvent(tid) else { break }
                 if case .stopped = event { try? tracer.resume(tid); continue }
@@ -182,10 +183,11 @@ public final class FrozenProcess {
 }
 
 /// Waits until /proc/PID is gone (the process was reaped), polling.
-public func waitForPIDToBeFree(_ pid: pid_t, timeoutSeconds: Double) throws {
+public func waitForPIDToBeFree(_ pid: pid_t, timeoutSeconds: Double, what: String? = nil) throws {
     let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
     while pathExists("/proc/\(pid)") {
         if monotonicNanoseconds() > deadline {
+            if let what { throw StasisError.pidTaken(pid: pid, by: "\(what) still running after \(timeoutSeconds) s") }
             throw StasisError.notTraceable(pid: pid, reason: "it was killed but its parent has not reaped it after \(timeoutSeconds) s")
         }
         usleep(2000)

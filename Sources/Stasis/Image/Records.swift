@@ -37,6 +37,11 @@ public struct ProcessRecord: Codable, Sendable {
     public var kernelRelease: String
     /// Wall-clock time of the freeze, in nanoseconds since the epoch.
     public var snapshotTimeNanoseconds: Int64
+    /// The process's start time (clock ticks after boot, /proc/PID/stat field 22) and the
+    /// boot it ran in: together they tell whether a live process with the same PID is the
+    /// original.
+    public var startTime: UInt64?
+    public var bootID: String?
 }
 
 public struct Credentials: Codable, Sendable, Equatable {

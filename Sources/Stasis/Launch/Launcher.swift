@@ -31,6 +31,8 @@ public enum Launcher {
         let output = try FileHandle.open(options.standardOutput ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND)
         let error = options.standardError == options.standardOutput && options.standardOutput != nil
             ? output : try FileHandle.open(options.standardError ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND)
+        // cgroup2 cannot rename a cgroup, and the PID is known only once the process runs in
+        // it: name it after this stasis process, which is unique while it lives.
         let cgroup = options.useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "run-\(getpid())") : nil
         let cgroupHandle = try cgroup?.open()
         let environment = currentEnvironment()
@@ -44,12 +46,6 @@ public enum Launcher {
             throw StasisError.usage("run: cannot start \(path): \(String(cString: strerror(Int32(-result))))")
         }
         let pid = pid_t(result)
-        // Name the cgroup after the workload now that its PID is known.
-        if let cgroup, let root = StasisCgroup.root {
-            let named = "\(root)/\(pid)"
-            if pathExists(named) { rmdir(named) }
-            if rename(cgroup.path, named) == 0 { return (pid, StasisCgroup(path: named)) }
-        }
         return (pid, cgroup)
     }
 

@@ -33,6 +33,16 @@ public enum Restorer {
         let reader = try ImageReader(source: source)
         let metadata = try ImageMetadata.read(from: reader)
         let pid = metadata.process.pid
+        // `stasis snapshot --kill -o - | stasis restore -`: the original is still alive while
+        // its image streams in, and dies only once the stream is complete. Keep the pages in
+        // an unnamed temporary file until then, and restore from it.
+        var pages: ImageReader = reader
+        var spool: FileHandle?
+        if source.isPipe, originalIsRunning(metadata.process) {
+            (pages, spool) = try spoolPages(from: reader)
+            try waitForPIDToBeFree(pid, timeoutSeconds: 10, what: "the original process \(pid), whose image is being restored,")
+        }
+        _ = spool
         try preflight(metadata)
         let cgroup = useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "\(pid)") : nil
         do {
@@ -40,9 +50,9 @@ public enum Restorer {
             let result = try tracerThread.perform { tracer in
                 let process = try RestoredProcess.spawn(pid: pid, cgroupFD: cgroupHandle?.rawValue ?? -1, tracer: tracer)
                 do {
-                    let pagesMilliseconds = try rebuild(process, metadata: metadata, reader: reader)
+                    let pagesMilliseconds = try rebuild(process, metadata: metadata, reader: pages)
                     try process.detachAll()
-                    return (pagesMilliseconds, reader.trailer?.pages ?? 0)
+                    return (pagesMilliseconds, pages.trailer?.pages ?? 0)
                 } catch {
                     process.abandon()
                     throw error
@@ -55,6 +65,32 @@ public enum Restorer {
             cgroup?.removeIfEmpty()
             throw error
         }
+    }
+
+    /// Whether the process the image was taken from is alive (same PID, start time and boot).
+    static func originalIsRunning(_ record: ProcessRecord) -> Bool {
+        guard let startTime = record.startTime, let bootID = record.bootID, bootID == currentBootID(),
+              let stat = try? ProcFS.stat(record.pid), let now = stat[22].flatMap({ UInt64($0) })
+        else { return false }
+        return now == startTime
+    }
+
+    /// Copies the remaining page blocks of `reader` into an unnamed temporary file and returns
+    /// a reader positioned at its first page block.
+    static func spoolPages(from reader: ImageReader) throws -> (ImageReader, FileHandle) {
+        let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/var/tmp"
+        let spool = try FileHandle.open(directory, O_RDWR | 0o20200000 /* O_TMPFILE */, permissions: 0o600)
+        let writer = try ImageWriter(sink: spool)
+        while let item = try reader.next() {
+            switch item {
+            case let .pages(runs, data): try writer.writePageBlock(runs: runs, data: data.baseAddress!)
+            case let .record(kind, _) where kind == .end: break
+            case let .record(kind, _): throw reader.malformed("unexpected \(kind) record among page blocks", kind: kind)
+            }
+        }
+        try writer.finish()
+        _ = try checked(Int(lseek(spool.rawValue, 0, SEEK_SET)).negatedErrnoIfFailed(), "lseek", "spool file")
+        return (try ImageReader(source: spool), spool)
     }
 
     /// Checks, before creating anything, that the restore can succeed as far as can be known.

@@ -86,11 +86,14 @@ public enum Snapshotter {
                     case .run: try frozen.release()
                     case .stop: try frozen.releaseStopped()
                     case .kill:
+                        // The process never runs again: its freeze ends when SIGKILL is sent,
+                        // not when its parent gets round to reaping it.
                         let cgroup = StasisCgroup.of(pid: pid)
+                        releasedAt = monotonicNanoseconds()
                         try frozen.kill()
                         cgroup?.removeIfEmpty()
                     }
-                    releasedAt = monotonicNanoseconds()
+                    if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
                     return SnapshotStats(
                         freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
                         total_ms: milliseconds(writeEnd - start),
