@@ -1,1 +1,1 @@
-print("bench")
+StasisBench.main()

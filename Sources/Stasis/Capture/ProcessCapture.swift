@@ -127,12 +127,7 @@ enum ProcessCapture {
         let auxvBytes = try ProcFS.auxiliaryVector(pid)
         var auxv: [UInt64] = []
         for index in stride(from: 0, to: auxvBytes.count - 7, by: 8) { auxv.append(auxvBytes.readLE(UInt64.self, at: index)) }
-        var limits: [ResourceLimit] = []
-        for resource in Int32(0)..<16 {
-            var old = rlimit()
-            _ = try checked(stasis_prlimit(pid, resource, nil, &old), "prlimit", "pid \(pid) resource \(resource)")
-            limits.append(ResourceLimit(resource: resource, soft: UInt64(old.rlim_cur), hard: UInt64(old.rlim_max)))
-        }
+        let limits = try ProcFS.limits(pid)
         func ids(_ key: String) -> [UInt32] { (status[key] ?? "").split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) } }
         let cmdline = (try? readTextFile("/proc/\(pid)/cmdline")) ?? ""
         let executable = try readLink("/proc/\(pid)/exe")

@@ -87,7 +87,11 @@ public final class FrozenProcess {
                 if frozenAt == 0 { frozenAt = monotonicNanoseconds() }
                 attached.insert(tid)
                 order.append(tid)
-                try tracer.interrupt(tid)
+                do {
+                    try tracer.interrupt(tid)
+                } catch let error as SystemCallError where error.errno == .noSuchProcess {
+                    continue  // it exited after the seize; waitUntilStopped sees the exit
+                }
             }
             for tid in order where attached.contains(tid) && !stopped.contains(tid) {
                 try waitUntilStopped(tid, attached: &attached, stopped: &stopped, order: &order)

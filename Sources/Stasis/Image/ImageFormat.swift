@@ -67,7 +67,7 @@ public struct ImageError: Error, CustomStringConvertible, Sendable {
         case .truncated: return "image truncated: \(place) is cut short"
         case let .checksumMismatch(part): return "image corrupt: \(place): \(part) checksum mismatch"
         case let .malformed(reason): return "image corrupt: \(place): \(reason)"
-        case .incomplete: return "image incomplete: it ends after \(place) without its end record (the snapshot did not finish)"
+        case .incomplete: return "image incomplete: it ends where \(place) should begin, without its end record (the snapshot did not finish)"
         }
     }
 }
@@ -76,6 +76,11 @@ public struct ImageError: Error, CustomStringConvertible, Sendable {
 public struct PageRun: Sendable, Equatable {
     public var address: UInt64
     public var pages: UInt64
+
+    public init(address: UInt64, pages: UInt64) {
+        self.address = address
+        self.pages = pages
+    }
 }
 
 // MARK: little-endian helpers

@@ -28,6 +28,7 @@ public struct ImageMetadata: Sendable {
                 guard process != nil else { throw reader.malformed("thread record before the process record", kind: kind) }
                 threads.append(try reader.decode(ThreadRecord.self, payload, kind: kind))
             case .mappings:
+                guard mappings == nil else { throw reader.malformed("a second mappings record", kind: kind) }
                 mappings = try reader.decode(MappingTable.self, payload, kind: kind).mappings
             case .files:
                 let files = try reader.decode(FileTable.self, payload, kind: kind)

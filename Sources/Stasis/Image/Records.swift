@@ -127,8 +127,9 @@ public struct MappingRecord: Codable, Sendable, Equatable {
     public var fileIdentity: FileIdentity?
     /// VmFlags that restore re-applies with madvise or mmap flags ("gd", "dc", "wf", "dd", "hg", "nh").
     public var flags: [String]
-    /// How many pages of this mapping were resident (and not the zero page) at the freeze:
-    /// the pages the image stores, less those found to hold only zeros.
+    /// How many pages of this mapping were resident (and not the shared zero page) at the
+    /// freeze. The image stores these pages except those found to hold only zero bytes, so
+    /// the stored count can be lower (`stasis inspect` reports the bytes actually stored).
     public var residentPages: UInt64
 
     public var size: UInt64 { end - start }
@@ -157,6 +158,8 @@ public struct FileDescriptorRecord: Codable, Sendable, Equatable {
 
 public struct FileTable: Codable, Sendable {
     public var descriptors: [FileDescriptorRecord]
+
+    public init(descriptors: [FileDescriptorRecord]) { self.descriptors = descriptors }
 }
 
 /// The last record: what the image holds, so a reader knows it got all of it.

@@ -127,6 +127,23 @@ public enum ProcFS {
         try status("/proc/\(pid)/fdinfo/\(fd)")
     }
 
+    /// /proc/PID/limits: the soft and hard limit of each resource, in RLIMIT_* order. Read
+    /// from /proc rather than with prlimit(2), which needs CAP_SYS_RESOURCE for another uid.
+    public static func limits(_ pid: pid_t) throws -> [ResourceLimit] {
+        let lines = try readTextFile("/proc/\(pid)/limits").split(separator: "\n").dropFirst()
+        var result: [ResourceLimit] = []
+        for (index, line) in lines.enumerated() {
+            let tokens = line.split(separator: " ")
+            guard let first = tokens.firstIndex(where: { $0 == "unlimited" || UInt64($0) != nil }),
+                  first + 1 < tokens.count else {
+                throw SystemCallError(call: "parse", subject: "/proc/\(pid)/limits line \(index + 1)", errno: .invalidArgument)
+            }
+            func value(_ token: Substring) -> UInt64 { token == "unlimited" ? UInt64.max : UInt64(token) ?? 0 }
+            result.append(ResourceLimit(resource: Int32(index), soft: value(tokens[first]), hard: value(tokens[first + 1])))
+        }
+        return result
+    }
+
     /// /proc/PID/auxv, the ELF auxiliary vector as raw bytes.
     public static func auxiliaryVector(_ pid: pid_t) throws -> [UInt8] {
         let handle = try FileHandle.open("/proc/\(pid)/auxv", O_RDONLY)

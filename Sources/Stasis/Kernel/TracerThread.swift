@@ -60,17 +60,19 @@ public final class TracerThread: @unchecked Sendable {
     public func perform<T>(_ body: (Tracer) throws -> T) throws -> T {
         let completion = Completion<T>()
         withoutActuallyEscaping(body) { escapable in
-            let job = UnsafeJob {
+            // The queued job holds only the box; the box drops the closure before the waiting
+            // caller is woken, so the closure never outlives this scope.
+            let box = BodyBox(escapable)
+            enqueue {
                 let tracer = Tracer(threadTID: pid_t(stasis_gettid()))
-                completion.finish(Result { try escapable(tracer) })
+                completion.finish(box.runOnce(tracer))
             }
-            enqueue(job.run)
             completion.wait()
         }
         return try completion.result!.get()
     }
 
-    private func enqueue(_ job: @escaping () -> Void) {
+    private func enqueue(_ job: @escaping @Sendable () -> Void) {
         pthread_mutex_lock(mutex)
         pending.append(job)
         pthread_cond_broadcast(condition)
@@ -88,11 +90,16 @@ public final class TracerThread: @unchecked Sendable {
     }
 }
 
-/// A job handed between threads while its creator blocks; the creator guarantees the
-/// captured pointers outlive the job.
-private struct UnsafeJob: @unchecked Sendable {
-    let run: () -> Void
-    init(_ run: @escaping () -> Void) { self.run = run }
+/// The caller's closure, handed to the tracer thread while the caller blocks in `perform`.
+private final class BodyBox<T>: @unchecked Sendable {
+    private var body: ((Tracer) throws -> T)?
+    init(_ body: @escaping (Tracer) throws -> T) { self.body = body }
+
+    func runOnce(_ tracer: Tracer) -> Result<T, any Error> {
+        let result = Result { try body!(tracer) }
+        body = nil
+        return result
+    }
 }
 
 /// A one-shot result handed from the tracer thread to the thread waiting in `perform`.

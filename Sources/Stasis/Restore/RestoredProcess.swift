@@ -30,6 +30,7 @@ final class RestoredProcess {
         _ = try checked(child, "clone3(set_tid=\(pid))", "pid \(pid)")
         let process = RestoredProcess(pid: pid, tracer: tracer)
         do {
+            try waitUntilPaused(pid)
             try tracer.seize(pid, options: Int32(STASIS_PTRACE_O_TRACESYSGOOD | STASIS_PTRACE_O_TRACECLONE | STASIS_PTRACE_O_EXITKILL))
             try tracer.interrupt(pid)
             while true {
@@ -38,13 +39,27 @@ final class RestoredProcess {
                     throw StasisError.restoreFailed(pid: pid, step: "starting the restore stub", reason: "it ended: \(event)")
                 }
                 if eventCode == Int32(STASIS_PTRACE_EVENT_STOP) { break }
-                try tracer.resume(pid, signal: signal == SIGSTOP ? 0 : 0)
+                _ = signal
+                try tracer.resume(pid)
             }
         } catch {
             process.abandon()
             throw error
         }
         return process
+    }
+
+    /// Waits until the stub has finished its own set-up (signals, fds, parent-death signal)
+    /// and sits in pause(2): /proc/PID/syscall then starts with pause's number, 34.
+    private static func waitUntilPaused(_ pid: pid_t) throws {
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while true {
+            if let text = try? readTextFile("/proc/\(pid)/syscall"), text.hasPrefix("34 ") { return }
+            if monotonicNanoseconds() > deadline {
+                throw StasisError.restoreFailed(pid: pid, step: "starting the restore stub", reason: "it did not reach pause() within 5 s")
+            }
+            sched_yield()
+        }
     }
 
     /// Records a thread created inside the process (already attached through TRACECLONE) and
