@@ -194,7 +194,9 @@ public final class ImageReader {
             throw error(.malformed("page runs add up to \(total) pages, block says \(pageCount)"), kind: .pages, at: recordOffset)
         }
         let padding = (ImageFormat.pageSize - Int(offset % UInt64(ImageFormat.pageSize))) % ImageFormat.pageSize
-        if padding > 0 { _ = try readExactly(padding, kind: .pages, recordOffset: recordOffset) }
+        if padding > 0, try readExactly(padding, kind: .pages, recordOffset: recordOffset).contains(where: { $0 != 0 }) {
+            throw error(.malformed("non-zero bytes in the padding before the page data"), kind: .pages, at: recordOffset)
+        }
         let dataSize = pageCount * ImageFormat.pageSize
         let got = try Self.fill(source, buffer, bufferSize, &bufferStart, &bufferEnd, into: pageData, count: dataSize)
         offset += UInt64(got)

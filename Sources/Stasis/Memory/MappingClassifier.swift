@@ -18,6 +18,10 @@ enum MappingClassifier {
             case "[vvar]": backing = .vvar
             case "[vvar_vclock]": backing = .vvarClock
             default:
+                if entry.shared && (entry.inode == 0 || entry.name.hasPrefix("/dev/zero") || entry.name.hasPrefix("/SYSV")
+                                    || entry.name.hasPrefix("/memfd:") || entry.name.hasPrefix("/dev/shm/")) {
+                    throw StasisError.unsupported(pid: pid, what: "shared anonymous memory at \(range) (\(entry.name.isEmpty ? "MAP_SHARED|MAP_ANONYMOUS" : entry.name))")
+                }
                 if entry.name.hasSuffix(" (deleted)") {
                     throw StasisError.unsupported(pid: pid, what: "mapping \(range) of deleted file \(entry.name)")
                 }
