@@ -59,6 +59,7 @@ public enum Snapshotter {
             temporaryPath = temporary
         case let .descriptor(handle):
             sink = handle
+            if handle.isPipe { enlargePipe(handle) }
         }
         do {
             return try tracerThread.perform { tracer in
@@ -110,6 +111,14 @@ public enum Snapshotter {
             if let temporaryPath { unlink(temporaryPath) }
             throw error
         }
+    }
+
+    /// Grows an output pipe to the system's maximum (best effort): with the default 64 KiB,
+    /// the reader must be woken every 64 KiB, which bounds throughput (docs/benchmarks.md).
+    static func enlargePipe(_ handle: FileHandle) {
+        guard let text = try? readTextFile("/proc/sys/fs/pipe-max-size"),
+              let maximum = Int32(text.trimmingCharacters()) else { return }
+        _ = fcntl(handle.rawValue, 1031 /* F_SETPIPE_SZ */, maximum)
     }
 
     static func syncDirectory(of path: String) throws {
