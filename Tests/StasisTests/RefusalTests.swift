@@ -51,11 +51,7 @@ struct RefusalTests {
     ])
     func unsupportedFile(kind: String, program: String) throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
-        let ready = scratch.file("ready")
-        let run = try stasis("run", "--", Products.python, "-c", program.replacingOccurrences(of: "READY", with: ready))
-        let pid = try #require(pid_t(run.stdout.trimmed))
-        cleanup.track(pid)
-        try waitUntil(10, "python to start") { FileManager.default.fileExists(atPath: ready) }
+        let pid = try startPython(program, scratch: scratch, cleanup: cleanup)
         let before = try ProcessCondition(pid)
         let result = try stasis("snapshot", "\(pid)", "-o", scratch.file("x.stasis"))
         #expect(!result.succeeded)
@@ -68,12 +64,8 @@ struct RefusalTests {
     @Test("shared anonymous memory is refused with its address range")
     func sharedMemory() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
-        let ready = scratch.file("ready")
-        let program = "import mmap, time; m = mmap.mmap(-1, 65536); m[0] = 1; open('\(ready)', 'w').close(); time.sleep(120)"
-        let run = try stasis("run", "--", Products.python, "-c", program)
-        let pid = try #require(pid_t(run.stdout.trimmed))
-        cleanup.track(pid)
-        try waitUntil(10, "python to start") { FileManager.default.fileExists(atPath: ready) }
+        let program = "import mmap, time; m = mmap.mmap(-1, 65536); m[0] = 1; open('READY', 'w').close(); time.sleep(120)"
+        let pid = try startPython(program, scratch: scratch, cleanup: cleanup)
         let before = try ProcessCondition(pid)
         let result = try stasis("snapshot", "\(pid)", "-o", scratch.file("x.stasis"))
         #expect(!result.succeeded)
@@ -93,6 +85,16 @@ struct RefusalTests {
         #expect(!stasisCgroups().contains("\(workload.pid)"), "restore must not leave a cgroup behind")
         #expect(try workload.check().ok)
     }
+}
+
+/// Starts `python3 -c PROGRAM` with `stasis run`; PROGRAM creates the file named READY once set up.
+func startPython(_ program: String, scratch: ScratchDirectory, cleanup: Cleanup) throws -> pid_t {
+    let ready = scratch.file("ready")
+    let run = try stasis("run", "--", Products.python, "-c", program.replacingOccurrences(of: "READY", with: ready))
+    guard let pid = pid_t(run.stdout.trimmed) else { throw TestFailure("stasis run failed: \(run.stderr)") }
+    cleanup.track(pid)
+    try waitUntil(10, "python to start") { FileManager.default.fileExists(atPath: ready) }
+    return pid
 }
 
 func stasisCgroups() -> [String] {
