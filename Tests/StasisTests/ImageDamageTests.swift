@@ -8,17 +8,18 @@ import Testing
 @Suite("damaged images", .serialized, .timeLimit(.minutes(3)))
 struct ImageDamageTests {
     /// One image of a small multi-threaded workload, taken with --kill so its PID is free.
-    nonisolated(unsafe) static let fixture: (image: [UInt8], pid: pid_t, scratch: ScratchDirectory) = {
+    nonisolated(unsafe) static let fixture: (image: [UInt8], pid: pid_t) = {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
         let workload = try! VerifyingWorkload([Products.path("wl-threads"), "--threads", "2"], scratch: scratch, cleanup: cleanup)
         let path = scratch.file("good.stasis")
         let result = try! stasis("snapshot", "\(workload.pid)", "-o", path, "--kill")
         precondition(result.succeeded, result.stderr)
-        return (Array(FileManager.default.contents(atPath: path)!), workload.pid, scratch)
+        return (Array(FileManager.default.contents(atPath: path)!), workload.pid)
     }()
 
     func restoreFails(_ bytes: [UInt8], expecting words: [String]) throws {
-        let (_, pid, scratch) = Self.fixture
+        let pid = Self.fixture.pid
+        let scratch = ScratchDirectory()
         let path = scratch.file("damaged.stasis")
         FileManager.default.createFile(atPath: path, contents: Data(bytes))
         let result = try stasis("restore", path, "--detach")
@@ -64,7 +65,8 @@ struct ImageDamageTests {
     func namesTheRecord() throws {
         var damaged = Self.fixture.image
         damaged[32 + 24 + 5] ^= 1  // inside the first record's payload
-        let path = Self.fixture.scratch.file("named.stasis")
+        let scratch = ScratchDirectory()
+        let path = scratch.file("named.stasis")
         FileManager.default.createFile(atPath: path, contents: Data(damaged))
         let result = try stasis("restore", path)
         #expect(result.stderr.contains("record #0 (process) at byte 32"), "\(result.stderr)")
