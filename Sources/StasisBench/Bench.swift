@@ -5,6 +5,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Stasis
 
 /// `stasis-bench`: measures the real `stasis` binary on wl-bench workloads and prints Markdown.
 struct StasisBench: ParsableCommand {
@@ -137,23 +138,8 @@ struct BenchConfig {
 
 // MARK: - Results
 
-/// The fields of `stasis snapshot --stats` the bench uses.
-struct SnapshotStats: Decodable {
-    var freeze_ms: Double
-    var total_ms: Double
-    var capture_ms: Double
-    var write_ms: Double
-    var pages: UInt64
-    var bytes: UInt64
-    var zero_pages: UInt64
-}
-
-/// The fields of `stasis restore --stats` the bench uses.
-struct RestoreStats: Decodable {
-    var restore_ms: Double
-    var pages_ms: Double
-    var pages: UInt64
-}
+// The `--stats` files decode into the engine's own `Stasis.SnapshotStats` and
+// `Stasis.RestoreStats`, which is what the CLI writes.
 
 struct SnapshotSample {
     var stats: SnapshotStats
