@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -326,4 +327,59 @@ long stasis_spawn_detached(const char *path, char *const argv[], char *const env
         return failure;
     }
     return child;
+}
+
+// MARK: cancellation
+
+static volatile sig_atomic_t cancelSignal;
+
+static void recordCancelSignal(int signo) {
+    if (cancelSignal == 0) cancelSignal = signo;
+}
+
+int stasis_install_cancel_handler(int signo) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = recordCancelSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: a blocked write returns EINTR and sees the request
+    return sigaction(signo, &action, NULL) == 0 ? 0 : -errno;
+}
+
+int stasis_cancel_signal(void) { return cancelSignal; }
+
+static volatile pid_t forwardTarget;
+
+static void forwardSignal(int signo) {
+    if (forwardTarget > 0) kill(forwardTarget, signo);
+}
+
+int stasis_forward_signals_to(pid_t pid) {
+    forwardTarget = pid;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = forwardSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    int signals[] = {SIGINT, SIGTERM, SIGHUP};
+    for (unsigned i = 0; i < sizeof signals / sizeof signals[0]; i++) {
+        if (sigaction(signals[i], &action, NULL) != 0) return -errno;
+    }
+    return 0;
+}
+
+long stasis_spawn_plain(const char *path, char *const argv[], char *const envp[]) {
+    posix_spawnattr_t attributes;
+    int error = posix_spawnattr_init(&attributes);
+    if (error) return -error;
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attributes, &none);
+    posix_spawnattr_setsigdefault(&attributes, &all);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t child = 0;
+    error = posix_spawn(&child, path, NULL, &attributes, argv, envp);
+    posix_spawnattr_destroy(&attributes);
+    return error ? -error : child;
 }

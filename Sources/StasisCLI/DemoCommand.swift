@@ -61,7 +61,7 @@ struct DemoScript {
         say("   Its output so far ends with: \(before.suffix(3).map { "count \($0)" }.joined(separator: ", "))")
 
         let tracer = TracerThread()
-        let snapshot = try Snapshotter.snapshot(pid: pid, to: .file(image), after: .kill, tracerThread: tracer)
+        let snapshot = try Snapshotter.snapshot(pid: pid, to: .file(image), mode: .stopTheWorld, after: .kill, tracerThread: tracer)
         let atSnapshot = lastCounts(log).last ?? 0
         say("2. Snapshotted PID \(pid) to \(image): \(snapshot.pages) pages, \(snapshot.bytes / 1024) KiB, \(snapshot.threads) thread(s), \(snapshot.mappings) mappings.")
         say("   The process was frozen for \(format(snapshot.freeze_ms)) ms; the image was written and fsynced, then the process was killed.")

@@ -4,7 +4,16 @@ import Stasis
 
 struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Snapshot a process and all its threads to an image file or stream.")
+        abstract: "Snapshot a process and all its threads to an image file or stream.",
+        discussion: """
+            Live by default: the process is frozen only while its registers and kernel state are \
+            captured and its memory is made copy-on-write, then runs on while the pages stream \
+            out. The image is the process as it was at the freeze. With --kill or --stop, the \
+            process runs while the image streams and is killed or stopped once it is complete: \
+            whatever it did after the freeze is not in the image (use --stop-the-world to keep \
+            it from running meanwhile). SIGINT, SIGTERM or a failure discards the snapshot and \
+            leaves the process running as before.
+            """)
 
     @Argument(help: "The process to snapshot.")
     var pid: Int32
@@ -14,7 +23,9 @@ struct Snapshot: ParsableCommand {
     var stop = false
     @Flag(help: "Kill the process once the image is complete and synced; return when its PID is free.")
     var kill = false
-    @Option(help: "Write measurements (freeze_ms, total_ms, pages, bytes, …) as JSON to this file.")
+    @Flag(name: .customLong("stop-the-world"), help: "Keep the process frozen until every page is written (no copy-on-write).")
+    var stopTheWorld = false
+    @Option(help: "Write measurements (freeze_ms, stream_ms, cow_pages, peak_extra_bytes, …) as JSON to this file.")
     var stats: String?
 
     func validate() throws {
@@ -24,11 +35,16 @@ struct Snapshot: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        guard let supervisor = SnapshotWorker.supervisorPID else {
+            SnapshotWorker.superviseWorker()
+        }
+        SnapshotWorker.becomeWorker(of: supervisor)
         let tracer = TracerThread()
         do {
             let destination: ImageDestination = output == "-" ? .descriptor(.standardOutput) : .file(output)
             let result = try Snapshotter.snapshot(
-                pid: pid, to: destination, after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer)
+                pid: pid, to: destination, mode: stopTheWorld ? .stopTheWorld : .live,
+                after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer)
             if let stats { try writeJSON(result, to: stats) }
         } catch { fail(error) }
     }

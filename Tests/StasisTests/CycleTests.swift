@@ -14,7 +14,7 @@ struct CycleTests {
         let pid = try #require(pid_t(run.stdout.trimmed))
         cleanup.track(pid)
         try waitUntil(10, "three counts") { contents(log).components(separatedBy: "count ").count > 3 }
-        let restored = try cycle(pid, image: scratch.file("counter.stasis"), cleanup: cleanup)
+        let restored = try cycle(pid, image: scratch.file("counter.stasis"), cleanup: cleanup, extra: ["--stop-the-world"])
         #expect(restored == pid)
         let last = counts(contents(log)).last!
         try waitUntil(10, "counting after restore") { counts(contents(log)).last! > last + 2 }
@@ -64,7 +64,7 @@ struct CycleTests {
                                              stdout: scratch.file("out.log"))
         usleep(300_000)
         let fdinfoBefore = fdFlags(workload.pid)
-        try cycle(workload.pid, image: scratch.file("files.stasis"), cleanup: cleanup)
+        try cycle(workload.pid, image: scratch.file("files.stasis"), cleanup: cleanup, extra: ["--stop-the-world"])
         let after = try workload.check()
         #expect(after.ok, "\(after.detail)")
         #expect(after.progress > 0)

@@ -83,6 +83,10 @@ func stasis(_ arguments: String..., timeout: TimeInterval = 60) throws -> Comman
     try runCommand([Products.stasis] + arguments, timeout: timeout)
 }
 
+func stasis(_ arguments: [String], timeout: TimeInterval = 60) throws -> CommandResult {
+    try runCommand([Products.stasis] + arguments, timeout: timeout)
+}
+
 /// A scratch directory removed (with everything in it) when the test ends.
 final class ScratchDirectory {
     let path: String
@@ -174,8 +178,11 @@ final class VerifyingWorkload {
 
 /// Snapshot → kill → restore of a running workload; returns the restored PID.
 @discardableResult
-func cycle(_ pid: pid_t, image: String, cleanup: Cleanup) throws -> pid_t {
-    let snap = try stasis("snapshot", "\(pid)", "-o", image, "--kill")
+/// Snapshot with `--kill` (live unless `extra` says otherwise), then restore detached.
+/// Workloads whose output outside memory (files, logs) must continue exactly use
+/// `--stop-the-world`: in a live snapshot, what they write after the freeze is not undone.
+func cycle(_ pid: pid_t, image: String, cleanup: Cleanup, extra: [String] = []) throws -> pid_t {
+    let snap = try stasis(["snapshot", "\(pid)", "-o", image, "--kill"] + extra)
     guard snap.succeeded else { throw TestFailure("snapshot failed: \(snap.stderr)") }
     guard access("/proc/\(pid)", F_OK) != 0 else { throw TestFailure("PID \(pid) still exists after snapshot --kill") }
     let restore = try stasis("restore", image, "--detach")

@@ -38,6 +38,7 @@ enum {
     STASIS_PTRACE_SYSCALL = 24,
     STASIS_PTRACE_DETACH = 17,
     STASIS_PTRACE_GETEVENTMSG = 0x4201,
+    STASIS_PTRACE_SETOPTIONS = 0x4200,
     STASIS_PTRACE_O_TRACESYSGOOD = 1,
     STASIS_PTRACE_O_TRACECLONE = 8,
     STASIS_PTRACE_O_EXITKILL = 0x100000,
@@ -138,6 +139,22 @@ long stasis_pagemap_scan(int pagemapFD, uint64_t start, uint64_t end,
 /// it and rebuild it. Only raw syscalls run in the child. If `cgroupFD` >= 0 the child starts in
 /// that cgroup (CLONE_INTO_CGROUP). Returns the child's PID or -errno.
 long stasis_spawn_restore_stub(pid_t pid, int cgroupFD);
+
+// MARK: cancellation
+
+/// Installs a handler for `signo` (without SA_RESTART, so blocking calls return EINTR) that
+/// records the signal for `stasis_cancel_signal`. Returns 0 or -errno.
+int stasis_install_cancel_handler(int signo);
+
+/// The first signal recorded by the cancel handler, or 0.
+int stasis_cancel_signal(void);
+
+/// Installs handlers for SIGINT, SIGTERM and SIGHUP that send the same signal to `pid`.
+int stasis_forward_signals_to(pid_t pid);
+
+/// posix_spawn of `path` with the caller's fds 0-2 (and any fd without FD_CLOEXEC), an empty
+/// signal mask and default dispositions. Returns the child's PID or -errno.
+long stasis_spawn_plain(const char *path, char *const argv[], char *const envp[]);
 
 // MARK: data integrity
 

@@ -8,8 +8,11 @@ public struct CapturedState {
     public var threads: [ThreadRecord]
     public var mappings: [MappingRecord]
     public var files: FileTable
-    /// For each entry of `mappings`, the page ranges that hold the process's own data.
+    /// For each entry of `mappings`, the page ranges that hold the process's own data (empty
+    /// until `ProcessCapture.planPages` ran).
     public var pageRanges: [[Range<UInt64>]]
+    /// A `syscall` instruction in the process's [vdso], for system calls made on its behalf.
+    var syscallInstruction: UInt64 = 0
 }
 
 /// Reads the state of a `FrozenProcess`: /proc, ptrace register sets, and a few system calls
@@ -20,9 +23,13 @@ public struct CapturedState {
 /// it cannot restore faithfully; leaves no mapping, register or signal change behind in the
 /// process (the scratch page it maps is unmapped, injected registers are put back).
 enum ProcessCapture {
-    static func capture(_ frozen: FrozenProcess) throws -> CapturedState {
+    /// Captures the frozen process. `earlierMappings`, read from /proc/PID/smaps before the
+    /// freeze, saves walking the page tables again while frozen: the freeze reads only
+    /// /proc/PID/maps and takes each mapping's VmFlags from the earlier read, unless any mapping
+    /// changed meanwhile (then smaps is read again). Pages are not planned (see `planPages`).
+    static func capture(_ frozen: FrozenProcess, earlierMappings: [ProcFS.MapEntry]? = nil) throws -> CapturedState {
         let pid = frozen.pid
-        let entries = try ProcFS.mappings(pid)
+        let entries = try currentMappings(pid, earlier: earlierMappings)
         let mappings = try MappingClassifier.classify(entries, pid: pid)
         let files = try FileTableCapture.capture(pid: pid)
         guard let vdso = entries.first(where: { $0.name == "[vdso]" }),
@@ -97,21 +104,48 @@ enum ProcessCapture {
         }
 
         let process = try captureProcessRecord(frozen, status: status, actions: actions, brk: currentBrk)
-        var ranges: [[Range<UInt64>]] = []
-        var recorded = mappings
-        let scanner = try PageScanner(pid: pid)
-        for (index, mapping) in mappings.enumerated() {
+        var state = CapturedState(process: process, threads: threads, mappings: mappings, files: files,
+                                  pageRanges: Array(repeating: [], count: mappings.count))
+        state.syscallInstruction = syscallInstruction
+        return state
+    }
+
+    /// The frozen process's mappings with their VmFlags, reusing `earlier` when nothing changed.
+    private static func currentMappings(_ pid: pid_t, earlier: [ProcFS.MapEntry]?) throws -> [ProcFS.MapEntry] {
+        guard let earlier else { return try ProcFS.mappings(pid) }
+        var current = try ProcFS.mapEntries(pid)
+        var flagsByMapping: [String: [String]] = [:]
+        func key(_ entry: ProcFS.MapEntry) -> String {
+            var plain = entry
+            plain.vmFlags = []
+            return "\(plain)"
+        }
+        for entry in earlier { flagsByMapping[key(entry)] = entry.vmFlags }
+        for index in current.indices {
+            guard let flags = flagsByMapping[key(current[index])] else { return try ProcFS.mappings(pid) }
+            current[index].vmFlags = flags
+        }
+        return current
+    }
+
+    /// Finds, for each mapping in `indices` (all when nil), which pages hold the process's own
+    /// data, scanning the page tables of `scanPID` — the process itself, or its copy-on-write
+    /// clone, whose page tables are a copy of the process's at the freeze — and records the
+    /// counts in the mapping records.
+    static func planPages(_ state: inout CapturedState, scanning scanPID: pid_t, indices: [Int]? = nil) throws {
+        let scanner = try PageScanner(pid: scanPID)
+        for index in indices ?? Array(state.mappings.indices) {
+            let mapping = state.mappings[index]
             switch mapping.backing {
             case .anonymous, .privateFile:
                 let found = try scanner.ownedRanges(start: mapping.start, end: mapping.end,
                                                     privateFile: mapping.backing == .privateFile)
-                ranges.append(found)
-                recorded[index].residentPages = found.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) / 4096 }
+                state.pageRanges[index] = found
+                state.mappings[index].residentPages = found.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) / 4096 }
             default:
-                ranges.append([])
+                state.pageRanges[index] = []
             }
         }
-        return CapturedState(process: process, threads: threads, mappings: recorded, files: files, pageRanges: ranges)
     }
 
     private static func captureProcessRecord(

@@ -5,7 +5,7 @@ import Glibc
 enum SyscallNumber: UInt64 {
     case read = 0, write = 1, open = 2, close = 3, lseek = 8, mmap = 9, mprotect = 10, munmap = 11
     case brk = 12, rtSigaction = 13, rtSigprocmask = 14, mremap = 25, madvise = 28, dup2 = 33
-    case getpid = 39, sigaltstack = 131, personality = 135, prctl = 157, setrlimit = 160
+    case clone = 56, wait4 = 61, getpid = 39, sigaltstack = 131, personality = 135, prctl = 157, setrlimit = 160
     case chdir = 80, fchdir = 81, umask = 95, setresuid = 117, setresgid = 119, setgroups = 116
     case gettid = 186, setTIDAddress = 218, restartSyscall = 219, exitGroup = 231
     case rtTgsigqueueinfo = 297, rtSigqueueinfo = 129, openat = 257, setRobustList = 273
@@ -103,12 +103,16 @@ final class RemoteSyscaller {
     }
 }
 
-/// Finds a `syscall` instruction (0f 05) in the target's [vdso], which every process has.
+/// Finds a `syscall` instruction (0f 05) in the target's [vdso], which every process has,
+/// preferring one directly followed by `ret` (c3): a thread that ever ran on from there with
+/// a foreign stack pointer would fault at once rather than run on (see `CopyOnWriteClone`).
 func findSyscallInstruction(pid: pid_t, in mapping: ProcFS.MapEntry) throws -> UInt64? {
     let bytes = try RemoteMemory(pid: pid).read(mapping.start, count: Int(mapping.end - mapping.start))
-    guard bytes.count >= 2 else { return nil }
-    for index in 0..<(bytes.count - 1) where bytes[index] == 0x0f && bytes[index + 1] == 0x05 {
-        return mapping.start + UInt64(index)
+    guard bytes.count >= 3 else { return nil }
+    var first: UInt64?
+    for index in 0..<(bytes.count - 2) where bytes[index] == 0x0f && bytes[index + 1] == 0x05 {
+        if bytes[index + 2] == 0xc3 { return mapping.start + UInt64(index) }
+        if first == nil { first = mapping.start + UInt64(index) }
     }
-    return nil
+    return first
 }

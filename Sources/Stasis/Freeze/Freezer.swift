@@ -22,6 +22,7 @@ public final class FrozenProcess {
     /// When the first thread was stopped (CLOCK_MONOTONIC ns).
     public private(set) var frozenAt: UInt64 = 0
     private var released = false
+    private var onlyOneThread = false
 
     static let seizeOptions = Int32(STASIS_PTRACE_O_TRACESYSGOOD | STASIS_PTRACE_O_TRACECLONE)
 
@@ -30,10 +31,13 @@ public final class FrozenProcess {
         self.tracer = tracer
     }
 
-    /// Checks that `pid` is a live user process Stasis may trace, then stops all its threads.
-    public static func freeze(pid: pid_t, tracer: Tracer) throws -> FrozenProcess {
+    /// Checks that `pid` is a live user process Stasis may trace, then stops all its threads —
+    /// or, with `onlyOneThread`, just one live thread (the main thread if it still runs), which
+    /// is enough to issue system calls on the process's behalf.
+    public static func freeze(pid: pid_t, tracer: Tracer, onlyOneThread: Bool = false) throws -> FrozenProcess {
         try checkTraceable(pid)
         let frozen = FrozenProcess(pid: pid, tracer: tracer)
+        frozen.onlyOneThread = onlyOneThread
         do {
             try frozen.stopAllThreads()
             for tid in frozen.threads {
@@ -72,13 +76,21 @@ public final class FrozenProcess {
         var stopped = Set<pid_t>()
         var order: [pid_t] = []
         while true {
-            let listed: [pid_t]
+            var listed: [pid_t]
             do { listed = try ProcFS.threadIDs(pid) } catch { throw StasisError.noSuchProcess(pid: pid) }
+            if onlyOneThread {
+                if !order.isEmpty { break }
+                let live = listed.filter { tid in
+                    !((try? ProcFS.status("/proc/\(pid)/task/\(tid)/status"))?["State"]?.hasPrefix("Z") ?? true)
+                }
+                guard let chosen = live.contains(pid) ? pid : live.first else { throw StasisError.noSuchProcess(pid: pid) }
+                listed = [chosen]
+            }
             let fresh = listed.filter { !attached.contains($0) }
             if fresh.isEmpty && stopped == attached { break }
             for tid in fresh {
                 do {
-                    try tracer.seize(tid, options: Self.seizeOptions)
+                    try tracer.seize(tid, options: onlyOneThread ? Int32(STASIS_PTRACE_O_TRACESYSGOOD) : Self.seizeOptions)
                 } catch let error as SystemCallError where error.errno == .noSuchProcess {
                     continue  // the thread exited between listing and seizing
                 } catch let error as SystemCallError where error.errno == .notPermitted {
@@ -98,6 +110,10 @@ public final class FrozenProcess {
             }
         }
         threads = order.filter { attached.contains($0) }
+        if onlyOneThread {
+            if threads.isEmpty { throw StasisError.noSuchProcess(pid: pid) }
+            return
+        }
         if let main = threads.firstIndex(of: pid) {
             threads.swapAt(0, main)
         } else {

@@ -106,7 +106,7 @@ public final class ImageWriter {
                 if dataDone < count, let data {
                     vectors.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: data + dataDone), iov_len: count - dataDone))
                 }
-                let wrote = try retryingInterrupts("writev", sink.name) {
+                let wrote = try retryingInterruptsUnlessCancelled("writev", sink.name) {
                     Glibc.writev(sink.rawValue, vectors, Int32(vectors.count)).negatedErrnoIfFailed()
                 }
                 let fromStaged = min(wrote, stagedCount - stagedDone)

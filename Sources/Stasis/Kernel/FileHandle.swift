@@ -5,7 +5,8 @@ import SystemPackage
 /// An owned file descriptor that is closed when the handle goes away.
 ///
 /// Guarantees: every read and write either completes fully or throws `SystemCallError` naming
-/// the descriptor's path; EINTR is retried. Not thread-safe; move it, don't share it.
+/// the descriptor's path; EINTR is retried (writes and fsync stop retrying once a
+/// `Cancellation` was requested). Not thread-safe; move it, don't share it.
 public final class FileHandle: Sendable {
     public let descriptor: FileDescriptor
     /// What the descriptor refers to, for error messages.
@@ -56,7 +57,7 @@ public final class FileHandle: Sendable {
     public func writeAll(_ buffer: UnsafeRawPointer, count: Int) throws {
         var done = 0
         while done < count {
-            done += try retryingInterrupts("write", name) {
+            done += try retryingInterruptsUnlessCancelled("write", name) {
                 Glibc.write(rawValue, buffer + done, count - done).negatedErrnoIfFailed()
             }
         }
@@ -75,7 +76,7 @@ public final class FileHandle: Sendable {
     }
 
     public func fsync() throws {
-        _ = try retryingInterrupts("fsync", name) { Int(Glibc.fsync(rawValue)).negatedErrnoIfFailed() }
+        _ = try retryingInterruptsUnlessCancelled("fsync", name) { Int(Glibc.fsync(rawValue)).negatedErrnoIfFailed() }
     }
 
     /// fstat(2).

@@ -54,6 +54,11 @@ public enum ProcFS {
         return fds.sorted()
     }
 
+    /// /proc/PID/maps (no VmFlags; unlike smaps, reading it does not walk the page tables).
+    public static func mapEntries(_ pid: pid_t) throws -> [MapEntry] {
+        try readTextFile("/proc/\(pid)/maps").split(separator: "\n").compactMap(parseMapLine)
+    }
+
     /// /proc/PID/smaps reduced to the maps lines plus each mapping's VmFlags.
     public static func mappings(_ pid: pid_t) throws -> [MapEntry] {
         let text = try readTextFile("/proc/\(pid)/smaps")

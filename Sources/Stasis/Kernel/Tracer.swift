@@ -42,6 +42,11 @@ public final class Tracer {
         try request("PTRACE_SEIZE", Int32(STASIS_PTRACE_SEIZE), tid, 0, UInt64(options))
     }
 
+    /// PTRACE_SETOPTIONS: replaces the thread's ptrace options.
+    public func setOptions(_ tid: pid_t, _ options: Int32) throws {
+        try request("PTRACE_SETOPTIONS", Int32(STASIS_PTRACE_SETOPTIONS), tid, 0, UInt64(options))
+    }
+
     /// PTRACE_INTERRUPT: asks a seized thread to stop; `waitForEvent` reports the stop.
     public func interrupt(_ tid: pid_t) throws {
         try request("PTRACE_INTERRUPT", Int32(STASIS_PTRACE_INTERRUPT), tid)

@@ -19,37 +19,21 @@ public enum AfterSnapshot: String, Sendable {
     case kill
 }
 
-/// Measurements of one snapshot, written by `--stats` as JSON.
-public struct SnapshotStats: Codable, Sendable {
-    /// How long any thread of the workload was kept from running (first stop to last release), ms.
-    public var freeze_ms: Double
-    /// From the start of the command's work to the image being complete, ms.
-    public var total_ms: Double
-    /// Time spent capturing registers, kernel state and the page plan while frozen, ms.
-    public var capture_ms: Double
-    /// Time spent writing pages, ms.
-    public var write_ms: Double
-    /// Pages stored in the image.
-    public var pages: UInt64
-    /// Bytes of the image.
-    public var bytes: UInt64
-    /// Resident pages not stored because they held only zeros.
-    public var zero_pages: UInt64
-    public var threads: Int
-    public var mappings: Int
-    public var pid: Int32
-}
-
-/// Takes a snapshot of one process: freeze, capture, stream pages, then run/stop/kill it.
+/// Takes a snapshot of one process: freeze, capture, (live: clone the memory copy-on-write and
+/// release the process), stream the pages, then run/stop/kill it.
 ///
-/// Guarantees: on any failure before the image is complete, the process is released exactly
-/// as it was (running, or stopped if it was stopped; no tracer; no scratch mapping), the
-/// partial image file is removed, and the error names what failed.
+/// Guarantees: on any failure or cancellation before the image is complete, the snapshot is
+/// discarded — the process is released exactly as it was (running, or stopped if it was
+/// stopped; no tracer; no scratch mapping; no clone, zombie or extra memory), the partial image
+/// file is removed — and the error names what failed. The image's pages are the process's
+/// memory at the instant of the freeze in both modes.
 public enum Snapshotter {
     public static func snapshot(
-        pid: pid_t, to destination: ImageDestination, after: AfterSnapshot, tracerThread: TracerThread
+        pid: pid_t, to destination: ImageDestination, mode: SnapshotMode = .live, after: AfterSnapshot,
+        tracerThread: TracerThread
     ) throws -> SnapshotStats {
         let start = monotonicNanoseconds()
+        try Cancellation.check()
         let sink: FileHandle
         var temporaryPath: String?
         switch destination {
@@ -63,54 +47,188 @@ public enum Snapshotter {
         }
         do {
             return try tracerThread.perform { tracer in
-                let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
-                var releasedAt: UInt64 = 0
-                do {
-                    let captureStart = monotonicNanoseconds()
-                    let state = try ProcessCapture.capture(frozen)
-                    let captureEnd = monotonicNanoseconds()
-                    let writer = try ImageWriter(sink: sink)
-                    try writer.writeRecord(.process, state.process)
-                    for thread in state.threads { try writer.writeRecord(.thread, thread) }
-                    try writer.writeRecord(.mappings, MappingTable(mappings: state.mappings))
-                    try writer.writeRecord(.files, state.files)
-                    let dumper = PageDumper(pid: pid)
-                    try dumper.dump(state, to: writer)
-                    let trailer = try writer.finish()
-                    if let temporaryPath, case let .file(path) = destination {
-                        try sink.fsync()
-                        _ = try checked(Int(rename(temporaryPath, path)).negatedErrnoIfFailed(), "rename", temporaryPath)
-                        try syncDirectory(of: path)
-                    }
-                    let writeEnd = monotonicNanoseconds()
-                    switch after {
-                    case .run: try frozen.release()
-                    case .stop: try frozen.releaseStopped()
-                    case .kill:
-                        // The process never runs again: its freeze ends when SIGKILL is sent,
-                        // not when its parent gets round to reaping it.
-                        let cgroup = StasisCgroup.of(pid: pid)
-                        releasedAt = monotonicNanoseconds()
-                        try frozen.kill()
-                        cgroup?.removeIfEmpty()
-                    }
-                    if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
-                    return SnapshotStats(
-                        freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
-                        total_ms: milliseconds(writeEnd - start),
-                        capture_ms: milliseconds(captureEnd - captureStart),
-                        write_ms: milliseconds(writeEnd - captureEnd),
-                        pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
-                        threads: state.threads.count, mappings: state.mappings.count, pid: pid)
-                } catch {
-                    try? frozen.release()
-                    throw error
+                switch mode {
+                case .live:
+                    try live(pid: pid, sink: sink, temporaryPath: temporaryPath, destination: destination,
+                             after: after, tracer: tracer, start: start)
+                case .stopTheWorld:
+                    try stopTheWorld(pid: pid, sink: sink, temporaryPath: temporaryPath, destination: destination,
+                                     after: after, tracer: tracer, start: start)
                 }
             }
         } catch {
             if let temporaryPath { unlink(temporaryPath) }
             throw error
         }
+    }
+
+    private static func live(
+        pid: pid_t, sink: FileHandle, temporaryPath: String?, destination: ImageDestination,
+        after: AfterSnapshot, tracer: Tracer, start: UInt64
+    ) throws -> SnapshotStats {
+        try FrozenProcess.checkTraceable(pid)
+        // Read before the freeze: the VmFlags (smaps walks every page table).
+        let earlier = try? ProcFS.mappings(pid)
+        try Cancellation.check()
+        let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
+        var clone: CopyOnWriteClone?
+        var state: CapturedState
+        var preserved: [Int: PreservedPages] = [:]
+        let captureStart = monotonicNanoseconds()
+        var cloneStart: UInt64 = 0
+        do {
+            state = try ProcessCapture.capture(frozen, earlierMappings: earlier)
+            // Mappings a fork does not carry are read now, while frozen.
+            let notCarried = state.mappings.indices.filter {
+                state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
+            }
+            try ProcessCapture.planPages(&state, scanning: pid, indices: notCarried)
+            for index in notCarried where !state.pageRanges[index].isEmpty {
+                preserved[index] = try PreservedPages(pid: pid, ranges: state.pageRanges[index])
+            }
+            try Cancellation.check()
+            cloneStart = monotonicNanoseconds()
+            clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+            try frozen.release()
+        } catch {
+            try? frozen.release()
+            clone?.destroy(reapInParent: true)
+            throw error
+        }
+        let releasedAt = monotonicNanoseconds()
+        let cloned = clone!
+        let preservedBytes = preserved.values.reduce(UInt64(0)) { $0 + UInt64($1.byteCount) }
+        do {
+            let streamStart = monotonicNanoseconds()
+            let carried = state.mappings.indices.filter { preserved[$0] == nil }
+            try ProcessCapture.planPages(&state, scanning: cloned.pid, indices: carried)
+            let writer = try ImageWriter(sink: sink)
+            try writeRecords(state, to: writer)
+            let dumper = PageDumper(source: cloned.pid)
+            var peakExtra: UInt64 = 0
+            var blocks = 0
+            dumper.afterBlock = { runs in
+                if blocks % 64 == 0 { peakExtra = max(peakExtra, cloned.extraBytes()) }
+                blocks += 1
+                try cloned.giveBack(runs)
+            }
+            try dumper.dump(state, preserved: preserved, to: writer)
+            peakExtra = max(peakExtra, cloned.extraBytes())
+            let trailer = try writer.finish()
+            try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+            let streamEnd = monotonicNanoseconds()
+            // The image is complete: the clone goes, and its zombie is reaped inside the process.
+            let cleanupStart = monotonicNanoseconds()
+            cloned.destroy(reapInParent: after != .kill)
+            let cleanupEnd = monotonicNanoseconds()
+            try finishProcess(pid, after: after)
+            return SnapshotStats(
+                mode: .live,
+                freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
+                total_ms: milliseconds(streamEnd - start),
+                capture_ms: milliseconds(cloneStart - captureStart),
+                cow_ms: milliseconds(releasedAt - cloneStart),
+                stream_ms: milliseconds(streamEnd - streamStart),
+                write_ms: milliseconds(streamEnd - streamStart),
+                cow_pages: cloned.preservedPages,
+                peak_extra_bytes: peakExtra + preservedBytes + UInt64(ImageFormat.maxPagesPerBlock * 4096),
+                cleanup_stop_ms: after == .kill ? 0 : milliseconds(cleanupEnd - cleanupStart),
+                pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
+                threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+        } catch {
+            cloned.destroy(reapInParent: true)
+            throw discarded(pid, error)
+        }
+    }
+
+    private static func stopTheWorld(
+        pid: pid_t, sink: FileHandle, temporaryPath: String?, destination: ImageDestination,
+        after: AfterSnapshot, tracer: Tracer, start: UInt64
+    ) throws -> SnapshotStats {
+        let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
+        var releasedAt: UInt64 = 0
+        do {
+            let captureStart = monotonicNanoseconds()
+            var state = try ProcessCapture.capture(frozen)
+            try ProcessCapture.planPages(&state, scanning: pid)
+            let captureEnd = monotonicNanoseconds()
+            let writer = try ImageWriter(sink: sink)
+            try writeRecords(state, to: writer)
+            let dumper = PageDumper(source: pid)
+            try dumper.dump(state, to: writer)
+            let trailer = try writer.finish()
+            try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+            let writeEnd = monotonicNanoseconds()
+            switch after {
+            case .run: try frozen.release()
+            case .stop: try frozen.releaseStopped()
+            case .kill:
+                // The process never runs again: its freeze ends when SIGKILL is sent,
+                // not when its parent gets round to reaping it.
+                let cgroup = StasisCgroup.of(pid: pid)
+                releasedAt = monotonicNanoseconds()
+                try frozen.kill()
+                cgroup?.removeIfEmpty()
+            }
+            if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
+            return SnapshotStats(
+                mode: .stopTheWorld,
+                freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
+                total_ms: milliseconds(writeEnd - start),
+                capture_ms: milliseconds(captureEnd - captureStart),
+                cow_ms: 0,
+                stream_ms: milliseconds(writeEnd - captureEnd),
+                write_ms: milliseconds(writeEnd - captureEnd),
+                cow_pages: 0,
+                peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
+                cleanup_stop_ms: 0,
+                pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
+                threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+        } catch {
+            try? frozen.release()
+            throw discarded(pid, error)
+        }
+    }
+
+    private static func writeRecords(_ state: CapturedState, to writer: ImageWriter) throws {
+        try writer.writeRecord(.process, state.process)
+        for thread in state.threads { try writer.writeRecord(.thread, thread) }
+        try writer.writeRecord(.mappings, MappingTable(mappings: state.mappings))
+        try writer.writeRecord(.files, state.files)
+    }
+
+    /// Makes a file image durable under its final name.
+    private static func complete(sink: FileHandle, temporaryPath: String?, destination: ImageDestination) throws {
+        if let temporaryPath, case let .file(path) = destination {
+            try sink.fsync()
+            _ = try checked(Int(rename(temporaryPath, path)).negatedErrnoIfFailed(), "rename", temporaryPath)
+            try syncDirectory(of: path)
+        }
+    }
+
+    /// After a live snapshot: leaves the (untraced, running) process running, stopped or dead.
+    private static func finishProcess(_ pid: pid_t, after: AfterSnapshot) throws {
+        switch after {
+        case .run: break
+        case .stop: _ = Glibc.kill(pid, SIGSTOP)
+        case .kill:
+            let cgroup = StasisCgroup.of(pid: pid)
+            _ = Glibc.kill(pid, SIGKILL)
+            try waitForPIDToBeFree(pid, timeoutSeconds: 30)
+            cgroup?.removeIfEmpty()
+        }
+    }
+
+    /// Refusals and cancellations pass through as they are; other failures after the freeze
+    /// are reported as a discarded snapshot.
+    private static func discarded(_ pid: pid_t, _ error: Error) -> Error {
+        if let error = error as? StasisError {
+            switch error {
+            case .cancelled, .discarded, .unsupported, .notTraceable, .noSuchProcess: return error
+            default: break
+            }
+        }
+        return StasisError.discarded(pid: pid, reason: "\(error)")
     }
 
     /// Grows an output pipe to the system's maximum (best effort): with the default 64 KiB,
