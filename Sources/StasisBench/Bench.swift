@@ -8,16 +8,28 @@ import Foundation
 import Stasis
 
 /// `stasis-bench`: measures the real `stasis` binary on wl-bench workloads and prints Markdown.
+/// `core` (the default, so `stasis-bench --quick` still works) is the snapshot/restore benchmark;
+/// `live` measures live snapshots: the freeze against the copy-on-write floor (LiveBench.swift).
 struct StasisBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stasis-bench",
-        abstract: "Benchmark stasis snapshot/restore against in-run limits; prints Markdown tables.",
+        abstract: "Benchmark stasis against in-run limits and floors; prints Markdown tables.",
+        subcommands: [CoreBench.self, LiveBench.self],
+        defaultSubcommand: CoreBench.self)
+}
+
+/// `stasis-bench [core]`: snapshot throughput and restore time against in-run limits.
+struct CoreBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "core",
+        abstract: "Snapshot/restore throughput and restore time against in-run limits.",
         discussion: """
             For each workload size: starts `stasis run -- wl-bench --mb N`, measures `stasis snapshot` to a \
             file and to a pipe, interleaved with the limit (process_vm_readv of the same memory written \
             to the same destination), then `stasis snapshot --kill` and `stasis restore --detach`, \
             interleaved with the cost of fresh anonymous memory of that size. Medians are reported; \
-            progress goes to stderr, the report to stdout.
+            progress goes to stderr, the report to stdout. Snapshots are live (stasis' default) \
+            unless --stop-the-world is given.
             """)
 
     @Option(help: "Workload sizes in MiB, comma-separated.")
@@ -38,6 +50,8 @@ struct StasisBench: ParsableCommand {
     var noVerify = false
     @Flag(help: "Do not populate and free memory of the workload's size before each measured file write (see docs/benchmarks.md).")
     var noPrewarm = false
+    @Flag(name: .customLong("stop-the-world"), help: "Pass --stop-the-world to every `stasis snapshot` (the semantics of the first reference run).")
+    var stopTheWorld = false
 
     @Option(help: .hidden)
     var serveMemory: Int?
@@ -63,7 +77,8 @@ struct StasisBench: ParsableCommand {
         let directory = try executableDirectory()
         let config = BenchConfig(
             stasis: stasis ?? directory + "/stasis", workload: workload ?? directory + "/wl-bench",
-            pipeSize: pipeSize, verify: !noVerify, prewarm: !noPrewarm, selfPath: try executablePath())
+            pipeSize: pipeSize, verify: !noVerify, prewarm: !noPrewarm, selfPath: try executablePath(),
+            stopTheWorld: stopTheWorld)
         for tool in [config.stasis, config.workload] where access(tool, X_OK) != 0 {
             throw ValidationError("\(tool) is missing; build with `swift build -c release`")
         }
@@ -102,24 +117,24 @@ struct StasisBench: ParsableCommand {
             throw ExitCode(1)
         }
     }
+}
 
-    func parseList(_ text: String, _ name: String) throws -> [Int] {
-        let values = text.split(separator: ",").map { Int(String($0).trimmingCharacters(in: " ")) }
-        guard !values.isEmpty, values.allSatisfy({ ($0 ?? 0) > 0 }) else { throw ValidationError("\(name): expected positive numbers, comma-separated") }
-        return values.map { $0! }
-    }
+func parseList(_ text: String, _ name: String) throws -> [Int] {
+    let values = text.split(separator: ",").map { Int(String($0).trimmingCharacters(in: " ")) }
+    guard !values.isEmpty, values.allSatisfy({ ($0 ?? 0) > 0 }) else { throw ValidationError("\(name): expected positive numbers, comma-separated") }
+    return values.map { $0! }
+}
 
-    func executablePath() throws -> String {
-        var buffer = [CChar](repeating: 0, count: 4097)
-        let count = readlink("/proc/self/exe", &buffer, 4096)
-        guard count > 0 else { throw BenchError("cannot read /proc/self/exe") }
-        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
+func executablePath() throws -> String {
+    var buffer = [CChar](repeating: 0, count: 4097)
+    let count = readlink("/proc/self/exe", &buffer, 4096)
+    guard count > 0 else { throw BenchError("cannot read /proc/self/exe") }
+    return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
-    func executableDirectory() throws -> String {
-        let path = try executablePath()
-        return String(path[..<path.lastIndex(of: "/")!])
-    }
+func executableDirectory() throws -> String {
+    let path = try executablePath()
+    return String(path[..<path.lastIndex(of: "/")!])
 }
 
 func progress(_ text: String) {
@@ -134,6 +149,9 @@ struct BenchConfig {
     var verify: Bool
     var prewarm: Bool
     var selfPath: String
+    /// `--stop-the-world` for the core benchmark's snapshots.
+    var stopTheWorld = false
+    var modeArguments: [String] { stopTheWorld ? ["--stop-the-world"] : [] }
 }
 
 // MARK: - Results
@@ -352,9 +370,9 @@ final class BenchRunner {
         }
     }
 
-    func startWorkload(mebibytes: Int, output: String) throws -> (pid_t, UInt64) {
+    func startWorkload(mebibytes: Int, output: String, extra: [String] = []) throws -> (pid_t, UInt64) {
         let start = now()
-        let launched = try runTool([config.stasis, "run", "--stdout", output, "--", config.workload, "--mb", String(mebibytes)],
+        let launched = try runTool([config.stasis, "run", "--stdout", output, "--", config.workload, "--mb", String(mebibytes)] + extra,
                                    children: children, scratch: work, timeoutSeconds: 30, what: "stasis run")
         guard let pid = pid_t(launched.stdout.trimmingTrailingNewlines()) else {
             throw BenchError("stasis run printed \(launched.stdout.debugDescription), not a PID")
@@ -413,7 +431,7 @@ final class BenchRunner {
         }
     }
 
-    private func readSnapshotStats(_ path: String) throws -> SnapshotStats {
+    func readSnapshotStats(_ path: String) throws -> SnapshotStats {
         defer { unlink(path) }
         do { return try JSONDecoder().decode(SnapshotStats.self, from: Data(readTextFile(path).utf8)) } catch {
             throw BenchError("cannot decode \(path): \(error)")
@@ -426,7 +444,7 @@ final class BenchRunner {
         defer {
             if keep == nil { unlink(image); sync() }
         }
-        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", image, "--stats", statsPath] + (kill ? ["--kill"] : []),
+        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", image, "--stats", statsPath] + (kill ? ["--kill"] : []) + config.modeArguments,
                               children: children, scratch: work, timeoutSeconds: timeout(mebibytes), what: "stasis snapshot")
         let stats = try readSnapshotStats(statsPath)
         var info = stat()
@@ -442,7 +460,7 @@ final class BenchRunner {
         let pipe = try DrainedPipe(size: config.pipeSize)
         let capacity = pipe.capacity
         try pipe.startDraining()
-        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", "-", "--stats", statsPath],
+        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", "-", "--stats", statsPath] + config.modeArguments,
                               children: children, scratch: work, stdoutFD: pipe.writeFD,
                               timeoutSeconds: timeout(mebibytes), what: "stasis snapshot -o -")
         let drained = pipe.finish()
@@ -489,6 +507,14 @@ final class BenchRunner {
         let verified = config.verify ? try verifyWorkloadMemory(pid: pid, mebibytes: mebibytes, buffer: buffer) : 0
         return RestoreSample(stats: stats, peakRSS: run.exit.peakRSSBytes, wallNs: run.exit.wallNs,
                              polledHWM: run.exit.polledHWM, benchRSS: run.exit.benchRSSAtSpawn, verifiedPages: verified)
+    }
+
+    /// Kills a workload the bench started (or inherited), reaps it and removes its cgroup.
+    func stopWorkload(_ pid: pid_t) throws {
+        let cgroup = cgroupPath(of: pid)
+        try children.killAndReap(pid, what: "the workload")
+        liveOrphans.remove(pid)
+        if let cgroup { removeCgroup(cgroup) }
     }
 
     func processState(_ pid: pid_t) -> String? {

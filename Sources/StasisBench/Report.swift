@@ -105,6 +105,9 @@ struct Report {
         if config.prewarm {
             line("Before each measured file write (stasis' and the limit's), the bench populated and freed anonymous memory of the workload's size, so that both allocate page cache from equally warm free memory (this VM's balloon makes memory freed seconds ago slow to touch again).")
         }
+        line(config.stopTheWorld
+             ? "Snapshots: `stasis snapshot --stop-the-world` (the workload is frozen until the last page is written)."
+             : "Snapshots: `stasis snapshot` in its default live mode (the workload is frozen only while its state is captured and its memory made copy-on-write; the pages stream while it runs). `--stop-the-world` gives the first version's semantics.")
         line("Medians of the repetitions (the mean of the middle two for an even count). GiB = 2^30 bytes, MiB = 2^20.")
         line()
 
@@ -148,7 +151,9 @@ struct Report {
             }
         }
         line()
-        line("The limit's time is scaled to the image's size. The CRC-32C and zero-test estimates are the per-GiB costs measured below times the image size. The remainder is what is left of write ms; with this much noise it can be negative. Everything from the first thread stopped to the last page written happens with the workload frozen: freeze ms ≈ total ms.")
+        line("The limit's time is scaled to the image's size. The CRC-32C and zero-test estimates are the per-GiB costs measured below times the image size. The remainder is what is left of write ms; with this much noise it can be negative. " + (config.stopTheWorld
+            ? "Everything from the first thread stopped to the last page written happens with the workload frozen: freeze ms ≈ total ms."
+            : "The snapshots were live: capture ms lies inside the freeze, write ms (the stream) does not; total − capture − write is the freeze's remainder (seizing, the copy-on-write clone, the release) plus set-up."))
         line()
 
         line("### Where the limit's time goes")
