@@ -40,6 +40,7 @@ struct Snapshot: ParsableCommand {
         }
         SnapshotWorker.becomeWorker(of: supervisor)
         let tracer = TracerThread()
+        Cancellation.interruptBlockingCalls(of: tracer)
         do {
             let destination: ImageDestination = output == "-" ? .descriptor(.standardOutput) : .file(output)
             let result = try Snapshotter.snapshot(

@@ -115,10 +115,9 @@ enum ProcessCapture {
         guard let earlier else { return try ProcFS.mappings(pid) }
         var current = try ProcFS.mapEntries(pid)
         var flagsByMapping: [String: [String]] = [:]
+        // Written out: interpolating the struct itself goes through reflection (milliseconds).
         func key(_ entry: ProcFS.MapEntry) -> String {
-            var plain = entry
-            plain.vmFlags = []
-            return "\(plain)"
+            "\(entry.start)-\(entry.end) \(entry.readable)\(entry.writable)\(entry.executable)\(entry.shared) \(entry.offset) \(entry.deviceMajor):\(entry.deviceMinor) \(entry.inode) \(entry.name)"
         }
         for entry in earlier { flagsByMapping[key(entry)] = entry.vmFlags }
         for index in current.indices {

@@ -37,6 +37,11 @@ public enum Snapshotter {
         let sink: FileHandle
         var temporaryPath: String?
         switch destination {
+        case let .file(path) where isSpecialFile(path):
+            // A device or FIFO (`-o /dev/null`, `-o /dev/stdout`, a named pipe) is written in
+            // place: renaming a temporary file over it would replace the device node.
+            sink = try FileHandle.open(path, O_WRONLY)
+            if sink.isPipe { enlargePipe(sink) }
         case let .file(path):
             let temporary = path + ".partial"
             sink = try FileHandle.open(temporary, O_WRONLY | O_CREAT | O_TRUNC, permissions: 0o600)
@@ -229,6 +234,12 @@ public enum Snapshotter {
             }
         }
         return StasisError.discarded(pid: pid, reason: "\(error)")
+    }
+
+    /// Whether `path` names something other than a regular file or nothing (a device, a FIFO).
+    static func isSpecialFile(_ path: String) -> Bool {
+        guard let st = try? statPath(path) else { return false }
+        return (st.st_mode & S_IFMT) != S_IFREG
     }
 
     /// Grows an output pipe to the system's maximum (best effort): with the default 64 KiB,
