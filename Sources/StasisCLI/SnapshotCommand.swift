@@ -46,6 +46,7 @@ struct Snapshot: ParsableCommand {
             let result = try Snapshotter.snapshot(
                 pid: pid, to: destination, mode: stopTheWorld ? .stopTheWorld : .live,
                 after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer)
+            if let fallback = result.fallback { FileHandle.standardError.write(line: "stasis: warning: \(fallback)") }
             if let stats { try writeJSON(result, to: stats) }
         } catch { fail(error) }
     }

@@ -170,6 +170,32 @@ struct LiveSnapshotTests {
         #expect(report.ok, "\(report.detail)")
     }
 
+    @Test("a pids limit that forbids the clone: the snapshot is taken stop-the-world instead, with a warning")
+    func pidsLimitFallsBack() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let workload = try VerifyingWorkload([Self.sweep, "--mib", "32", "--threads", "2"], scratch: scratch, cleanup: cleanup)
+        let root = "/sys/fs/cgroup/pids"
+        try #require(FileManager.default.fileExists(atPath: root + "/cgroup.procs"), "no cgroup v1 pids hierarchy")
+        let group = root + "/stasis-test-\(getpid())-\(workload.pid)"
+        try FileManager.default.createDirectory(atPath: group, withIntermediateDirectories: false)
+        defer {
+            try? "\(workload.pid)".write(toFile: root + "/cgroup.procs", atomically: false, encoding: .utf8)
+            rmdir(group)
+        }
+        try "\(workload.pid)".write(toFile: group + "/cgroup.procs", atomically: false, encoding: .utf8)
+        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(workload.pid)/task").count
+        try "\(tasks)".write(toFile: group + "/pids.max", atomically: false, encoding: .utf8)
+        let stats = scratch.file("stats.json"), image = scratch.file("limited.stasis")
+        let result = try stasis("snapshot", "\(workload.pid)", "-o", image, "--kill", "--stats", stats)
+        try #require(result.succeeded, "\(result.stderr)")
+        #expect(result.stderr.contains("could not be cloned"), "\(result.stderr)")
+        #expect(try statsJSON(stats)["mode"] as? String == "stop-the-world")
+        let restore = try stasis("restore", image, "--detach")
+        try #require(restore.succeeded, "\(restore.stderr)")
+        cleanup.track(workload.pid)
+        try expectEveryPageVerified(workload)
+    }
+
     @Test("-o naming a device or a FIFO writes into it instead of replacing it")
     func deviceAndFIFODestinations() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()

@@ -47,6 +47,14 @@ final class CopyOnWriteClone {
     }
 
     static let cloneFiles: UInt64 = 0x400, cloneFS: UInt64 = 0x200
+
+    /// The process could not be cloned (a pids limit, no memory for page tables); nothing was
+    /// changed in it.
+    struct Unavailable: Error, CustomStringConvertible {
+        var pid: pid_t
+        var reason: String
+        var description: String { "PID \(pid) could not be cloned for a copy-on-write snapshot: \(reason)" }
+    }
     static let waitAll: UInt64 = 0x4000_0000  // __WALL
 
     /// Clones the frozen process. Must run on the tracer thread that froze it.
@@ -64,7 +72,7 @@ final class CopyOnWriteClone {
             throw error
         }
         if result < 0 {
-            throw StasisError.notTraceable(pid: frozen.pid, reason: "clone for the copy-on-write snapshot failed: \(String(cString: strerror(Int32(-result))))")
+            throw Unavailable(pid: frozen.pid, reason: String(cString: strerror(Int32(-result))))
         }
         let child = pid_t(result)
         let clone = CopyOnWriteClone(pid: child, parent: frozen.pid, tracer: frozen.tracer, syscallInstruction: syscallInstruction)

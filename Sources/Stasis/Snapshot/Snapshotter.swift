@@ -93,12 +93,20 @@ public enum Snapshotter {
             }
             try Cancellation.check()
             cloneStart = monotonicNanoseconds()
-            clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+            do {
+                clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+            } catch let unavailable as CopyOnWriteClone.Unavailable {
+                // Still frozen and unchanged: finish as a stop-the-world snapshot instead.
+                var stats = try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
+                                                  destination: destination, after: after, start: start, captureStart: captureStart)
+                stats.fallback = "\(unavailable); the process stayed frozen until the image was complete"
+                return stats
+            }
             try frozen.release()
         } catch {
             try? frozen.release()
             clone?.destroy(reapInParent: true)
-            throw error
+            throw discarded(pid, error)
         }
         let releasedAt = monotonicNanoseconds()
         let cloned = clone!
@@ -110,11 +118,16 @@ public enum Snapshotter {
             let writer = try ImageWriter(sink: sink)
             try writeRecords(state, to: writer)
             let dumper = PageDumper(source: cloned.pid)
+            // The clone's own memory is sampled (smaps_rollup walks its page tables, ~13 ms/GiB)
+            // at most every 200 ms, and once after the last block.
             var peakExtra: UInt64 = 0
-            var blocks = 0
+            var lastSample: UInt64 = 0
             dumper.afterBlock = { runs in
-                if blocks % 64 == 0 { peakExtra = max(peakExtra, cloned.extraBytes()) }
-                blocks += 1
+                let now = monotonicNanoseconds()
+                if now - lastSample > 200_000_000 {
+                    peakExtra = max(peakExtra, cloned.extraBytes())
+                    lastSample = now
+                }
                 try cloned.giveBack(runs)
             }
             try dumper.dump(state, preserved: preserved, to: writer)
@@ -151,48 +164,58 @@ public enum Snapshotter {
         after: AfterSnapshot, tracer: Tracer, start: UInt64
     ) throws -> SnapshotStats {
         let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
-        var releasedAt: UInt64 = 0
         do {
             let captureStart = monotonicNanoseconds()
             var state = try ProcessCapture.capture(frozen)
-            try ProcessCapture.planPages(&state, scanning: pid)
-            let captureEnd = monotonicNanoseconds()
-            let writer = try ImageWriter(sink: sink)
-            try writeRecords(state, to: writer)
-            let dumper = PageDumper(source: pid)
-            try dumper.dump(state, to: writer)
-            let trailer = try writer.finish()
-            try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
-            let writeEnd = monotonicNanoseconds()
-            switch after {
-            case .run: try frozen.release()
-            case .stop: try frozen.releaseStopped()
-            case .kill:
-                // The process never runs again: its freeze ends when SIGKILL is sent,
-                // not when its parent gets round to reaping it.
-                let cgroup = StasisCgroup.of(pid: pid)
-                releasedAt = monotonicNanoseconds()
-                try frozen.kill()
-                cgroup?.removeIfEmpty()
-            }
-            if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
-            return SnapshotStats(
-                mode: .stopTheWorld,
-                freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
-                total_ms: milliseconds(writeEnd - start),
-                capture_ms: milliseconds(captureEnd - captureStart),
-                cow_ms: 0,
-                stream_ms: milliseconds(writeEnd - captureEnd),
-                write_ms: milliseconds(writeEnd - captureEnd),
-                cow_pages: 0,
-                peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
-                cleanup_stop_ms: 0,
-                pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
-                threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+            return try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
+                                         destination: destination, after: after, start: start, captureStart: captureStart)
         } catch {
             try? frozen.release()
             throw discarded(pid, error)
         }
+    }
+
+    /// Plans and streams the pages of a frozen, captured process, then runs, stops or kills it.
+    private static func streamWhileFrozen(
+        _ frozen: FrozenProcess, state: inout CapturedState, sink: FileHandle, temporaryPath: String?,
+        destination: ImageDestination, after: AfterSnapshot, start: UInt64, captureStart: UInt64
+    ) throws -> SnapshotStats {
+        let pid = frozen.pid
+        var releasedAt: UInt64 = 0
+        try ProcessCapture.planPages(&state, scanning: pid)
+        let captureEnd = monotonicNanoseconds()
+        let writer = try ImageWriter(sink: sink)
+        try writeRecords(state, to: writer)
+        let dumper = PageDumper(source: pid)
+        try dumper.dump(state, to: writer)
+        let trailer = try writer.finish()
+        try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+        let writeEnd = monotonicNanoseconds()
+        switch after {
+        case .run: try frozen.release()
+        case .stop: try frozen.releaseStopped()
+        case .kill:
+            // The process never runs again: its freeze ends when SIGKILL is sent,
+            // not when its parent gets round to reaping it.
+            let cgroup = StasisCgroup.of(pid: pid)
+            releasedAt = monotonicNanoseconds()
+            try frozen.kill()
+            cgroup?.removeIfEmpty()
+        }
+        if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
+        return SnapshotStats(
+            mode: .stopTheWorld,
+            freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
+            total_ms: milliseconds(writeEnd - start),
+            capture_ms: milliseconds(captureEnd - captureStart),
+            cow_ms: 0,
+            stream_ms: milliseconds(writeEnd - captureEnd),
+            write_ms: milliseconds(writeEnd - captureEnd),
+            cow_pages: 0,
+            peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
+            cleanup_stop_ms: 0,
+            pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
+            threads: state.threads.count, mappings: state.mappings.count, pid: pid)
     }
 
     private static func writeRecords(_ state: CapturedState, to writer: ImageWriter) throws {
