@@ -43,12 +43,15 @@ enum ProcessCapture {
         let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
         let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
         let main = try RemoteSyscaller(tracer: frozen.tracer, tid: pid, syscallInstruction: syscallInstruction)
-        let scratch = try main.call(.mmap, 0, 4096, UInt64(PROT_READ | PROT_WRITE),
-                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch page")
+        // Scratch memory: 32 bytes for the main thread's queries, then 64 bytes per thread.
+        let scratchSize = UInt64((64 + 64 * frozen.threads.count + 4095) / 4096 * 4096)
+        let scratch = try main.call(.mmap, 0, scratchSize, UInt64(PROT_READ | PROT_WRITE),
+                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch memory")
         let memory = RemoteMemory(pid: pid)
         var actions: [SignalAction] = []
         var threadExtras: [pid_t: (AlternateStack, UInt64)] = [:]
         var currentBrk: UInt64 = 0
+        var others: [RemoteSyscaller] = []
         do {
             for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
                 let bit = UInt64(1) << UInt64(signal - 1)
@@ -64,24 +67,34 @@ enum ProcessCapture {
                 }
             }
             currentBrk = try main.call(.brk, 0)
-            for tid in frozen.threads {
-                let caller = tid == pid ? main
-                    : try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction)
-                try caller.call(.sigaltstack, 0, scratch, what: "read sigaltstack")
-                let stack = try memory.read(scratch, count: 24)
-                try caller.call(.prctl, 40 /* PR_GET_TID_ADDRESS */, scratch, what: "PR_GET_TID_ADDRESS")
-                let clearTID = try memory.readValue(scratch, as: UInt64.self)
-                threadExtras[tid] = (AlternateStack(base: stack.readLE(UInt64.self, at: 0),
-                                                    flags: stack.readLE(Int32.self, at: 8),
-                                                    size: stack.readLE(UInt64.self, at: 16)), clearTID)
-                if tid != pid { try caller.finish() }
+            // Per-thread queries, issued in every thread at once (each its own 64-byte slot).
+            for tid in frozen.threads where tid != pid {
+                others.append(try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction))
             }
+            let callers = [main] + others
+            func slot(_ index: Int) -> UInt64 { scratch + 64 + UInt64(64 * index) }
+            let stackResults = try RemoteSyscaller.callInEach(callers, .sigaltstack) { [0, slot($0)] }
+            let addressResults = try RemoteSyscaller.callInEach(callers, .prctl) { [40 /* PR_GET_TID_ADDRESS */, slot($0) + 32] }
+            let slots = try memory.read(scratch + 64, count: 64 * callers.count)
+            for (index, caller) in callers.enumerated() {
+                for (name, result) in [("read sigaltstack", stackResults[index]), ("PR_GET_TID_ADDRESS", addressResults[index])]
+                where result < 0 && result > -4096 {
+                    throw RemoteCallError(call: name, tid: caller.tid, detail: String(cString: strerror(Int32(-result))))
+                }
+                let base = 64 * index
+                threadExtras[caller.tid] = (AlternateStack(base: slots.readLE(UInt64.self, at: base),
+                                                           flags: slots.readLE(Int32.self, at: base + 8),
+                                                           size: slots.readLE(UInt64.self, at: base + 16)),
+                                            slots.readLE(UInt64.self, at: base + 32))
+            }
+            for caller in others { try caller.finish() }
         } catch {
-            _ = try? main.call(.munmap, scratch, 4096)
+            for caller in others { try? caller.finish() }
+            _ = try? main.call(.munmap, scratch, scratchSize)
             try? main.finish()
             throw error
         }
-        try main.call(.munmap, scratch, 4096, what: "scratch page")
+        try main.call(.munmap, scratch, scratchSize, what: "scratch memory")
         try main.finish()
 
         var threads: [ThreadRecord] = []

@@ -241,8 +241,11 @@ public enum Snapshotter {
         case .stop: _ = Glibc.kill(pid, SIGSTOP)
         case .kill:
             let cgroup = StasisCgroup.of(pid: pid)
+            let startTime = try? ProcFS.stat(pid)[22]
             _ = Glibc.kill(pid, SIGKILL)
-            try waitForPIDToBeFree(pid, timeoutSeconds: 30)
+            // Gone, or its PID already reused (`snapshot --kill -o - | restore -` restores it
+            // as soon as it is free).
+            try waitForPIDToBeFree(pid, timeoutSeconds: 30, orUntil: { (try? ProcFS.stat(pid)[22]) != startTime })
             cgroup?.removeIfEmpty()
         }
     }
