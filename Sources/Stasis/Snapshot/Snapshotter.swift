@@ -136,9 +136,7 @@ public enum Snapshotter {
             try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
             let streamEnd = monotonicNanoseconds()
             // The image is complete: the clone goes, and its zombie is reaped inside the process.
-            let cleanupStart = monotonicNanoseconds()
-            cloned.destroy(reapInParent: after != .kill)
-            let cleanupEnd = monotonicNanoseconds()
+            let cleanupStop = cloned.destroy(reapInParent: after != .kill)
             try finishProcess(pid, after: after)
             return SnapshotStats(
                 mode: .live,
@@ -150,7 +148,7 @@ public enum Snapshotter {
                 write_ms: milliseconds(streamEnd - streamStart),
                 cow_pages: cloned.preservedPages,
                 peak_extra_bytes: peakExtra + preservedBytes + UInt64(ImageFormat.maxPagesPerBlock * 4096),
-                cleanup_stop_ms: after == .kill ? 0 : milliseconds(cleanupEnd - cleanupStart),
+                cleanup_stop_ms: milliseconds(cleanupStop),
                 pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
                 threads: state.threads.count, mappings: state.mappings.count, pid: pid)
         } catch {

@@ -27,7 +27,7 @@
 // (answered between pages, no syscall otherwise), waits up to 2 s for every worker to
 // answer and to sweep more pages, checks all cold pages, and writes one JSON line to
 // PATH the same way:
-//   {"ok":true,"progress":N,"passes_min":P,"pid":P,"tids":[..],"threads":T,"mib":N,
+//   {"ok":true,"progress":N,"passes_min":M,"pid":PID,"tids":[..],"threads":T,"mib":N,
 //    "hot_percent":P,"violations":V,"cold_checked":C,"detail":""}
 // progress = pages swept by all threads (monotonic); passes_min = fewest completed
 // passes of any thread; violations = pages the sweepers found wrong (total over the
