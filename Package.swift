@@ -50,9 +50,16 @@ let package = Package(
             name: "StasisTests",
             dependencies: ["Stasis", "CStasis"]
         ),
+        // What the workloads share: the report protocol's file writes, JSON escaping, timing.
+        .target(
+            name: "WorkloadSupport",
+            path: "Sources/Workloads/support",
+            cSettings: [.unsafeFlags(["-O2"])]
+        ),
     ] + workloads.map {
         .executableTarget(
             name: $0,
+            dependencies: ["WorkloadSupport"],
             path: "Sources/Workloads/\($0)",
             cSettings: [.unsafeFlags(["-O2", "-pthread"])],
             linkerSettings: [.linkedLibrary("pthread")]

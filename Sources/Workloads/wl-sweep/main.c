@@ -50,6 +50,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload_support.h"
+
 #define PAGE 4096UL
 #define HUGE_ALIGN (2UL << 20)
 #define MAXTHREADS 256
@@ -182,40 +184,6 @@ static void on_signal(int sig) {
         got_usr1 = 1;
     else
         _exit(0);
-}
-
-static void sleep_ms(long ms) { // one step; EINTR just ends it early
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static long long mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int write_atomic(const char *path, const char *text) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return -1;
-    fputs(text, f);
-    if (fclose(f) != 0)
-        return -1;
-    return rename(tmp, path);
-}
-
-static void json_str(char *out, size_t cap, const char *s) { // escape into a JSON string body
-    size_t o = 0;
-    for (; *s && o + 7 < cap; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') { out[o++] = '\\'; out[o++] = (char)c; }
-        else if (c < 0x20) o += (size_t)snprintf(out + o, cap - o, "\\u%04x", c);
-        else out[o++] = (char)c;
-    }
-    out[o] = 0;
 }
 
 static char detail[4096];
@@ -403,17 +371,8 @@ int main(int argc, char **argv) {
         atomic_store_explicit(&h->tag, tag_for((uint64_t)nthreads, j, 0), memory_order_relaxed);
     }
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigset_t set, old;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR1);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, &old); // workers inherit the block: signals go to main
+    sigset_t old;
+    install_report_signals(on_signal, &old); // threads inherit the block: signals go to main
 
     for (int i = 0; i < nthreads; i++) {
         struct sweeper *s = &sweepers[i];
