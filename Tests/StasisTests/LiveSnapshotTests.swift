@@ -30,10 +30,7 @@ struct LiveSnapshotTests {
         // The sweepers write every page of their slices many times a second: some of them
         // before the stream got there.
         #expect((json["cow_pages"] as? Int ?? 0) > 0)
-        let restore = try stasis(["restore", image, "--detach"], timeout: 120)
-        try #require(restore.succeeded, "\(restore.stderr)")
-        cleanup.track(workload.pid)
-        try expectEveryPageVerified(workload)
+        try restoreAndVerify(image, workload, cleanup: cleanup)
     }
 
     @Test("a slowly drained pipe: most pages are rewritten before they are streamed, the image is still point-in-time")
@@ -55,10 +52,7 @@ struct LiveSnapshotTests {
         let during = try workload.check()
         #expect(during.ok, "\(during.detail)")
         killAndForget(workload.pid)
-        let restore = try stasis(["restore", image, "--detach"], timeout: 120)
-        try #require(restore.succeeded, "\(restore.stderr)")
-        cleanup.track(workload.pid)
-        try expectEveryPageVerified(workload)
+        try restoreAndVerify(image, workload, cleanup: cleanup)
     }
 
     @Test("the reader closes the pipe: the snapshot is discarded, the workload runs on untouched")
@@ -190,10 +184,7 @@ struct LiveSnapshotTests {
         try #require(result.succeeded, "\(result.stderr)")
         #expect(result.stderr.contains("could not be cloned"), "\(result.stderr)")
         #expect(try statsJSON(stats)["mode"] as? String == "stop-the-world")
-        let restore = try stasis("restore", image, "--detach")
-        try #require(restore.succeeded, "\(restore.stderr)")
-        cleanup.track(workload.pid)
-        try expectEveryPageVerified(workload)
+        try restoreAndVerify(image, workload, cleanup: cleanup)
     }
 
     @Test("-o naming a device or a FIFO writes into it instead of replacing it")
@@ -215,10 +206,7 @@ struct LiveSnapshotTests {
         let result = try stasis("snapshot", "\(workload.pid)", "-o", fifo, "--kill")
         #expect(result.succeeded, "\(result.stderr)")
         reader.waitUntilExit()
-        let restore = try stasis("restore", copy, "--detach")
-        try #require(restore.succeeded, "\(restore.stderr)")
-        cleanup.track(workload.pid)
-        try expectEveryPageVerified(workload)
+        try restoreAndVerify(copy, workload, cleanup: cleanup)
     }
 
     @Test("--stop-the-world keeps the process frozen until the image is complete")
@@ -233,10 +221,7 @@ struct LiveSnapshotTests {
         #expect(json["cow_pages"] as? Int == 0)
         // Frozen through the whole stream.
         #expect((json["freeze_ms"] as? Double ?? 0) >= (json["stream_ms"] as? Double ?? 1))
-        let restore = try stasis("restore", image, "--detach")
-        try #require(restore.succeeded, "\(restore.stderr)")
-        cleanup.track(workload.pid)
-        try expectEveryPageVerified(workload)
+        try restoreAndVerify(image, workload, cleanup: cleanup)
     }
 }
 
@@ -245,6 +230,14 @@ private func statsJSON(_ path: String) throws -> [String: Any] {
         throw TestFailure("no stats JSON in \(path)")
     }
     return json
+}
+
+/// Restores `image` detached (the sweeper comes back under its PID) and verifies every page.
+private func restoreAndVerify(_ image: String, _ workload: VerifyingWorkload, cleanup: Cleanup) throws {
+    let restore = try stasis(["restore", image, "--detach"], timeout: 120)
+    cleanup.track(workload.pid)
+    guard restore.succeeded else { throw TestFailure("restore of \(image) failed: \(restore.stderr)") }
+    try expectEveryPageVerified(workload)
 }
 
 /// Waits until every thread of the (restored) sweeper has completed two more passes — each
