@@ -82,7 +82,7 @@ public enum Snapshotter {
         let captureStart = monotonicNanoseconds()
         var cloneStart: UInt64 = 0
         do {
-            state = try ProcessCapture.capture(frozen, earlierMappings: earlier)
+            state = try ProcessCapture.capture(frozen, earlierMappings: earlier, signalsFromClone: true)
             // Mappings a fork does not carry are read now, while frozen.
             let notCarried = state.mappings.indices.filter {
                 state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
@@ -97,6 +97,9 @@ public enum Snapshotter {
                 clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
             } catch let unavailable as CopyOnWriteClone.Unavailable {
                 // Still frozen and unchanged: finish as a stop-the-world snapshot instead.
+                // Ask the process itself what the clone would have told.
+                let complete = try ProcessCapture.capture(frozen, earlierMappings: earlier)
+                state.process = complete.process
                 var stats = try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
                                                   destination: destination, after: after, start: start, captureStart: captureStart)
                 stats.fallback = "\(unavailable); the process stayed frozen until the image was complete"
@@ -113,6 +116,7 @@ public enum Snapshotter {
         let preservedBytes = preserved.values.reduce(UInt64(0)) { $0 + UInt64($1.byteCount) }
         do {
             let streamStart = monotonicNanoseconds()
+            try ProcessCapture.completeFromClone(&state, clone: cloned.pid, tracer: tracer)
             let carried = state.mappings.indices.filter { preserved[$0] == nil }
             try ProcessCapture.planPages(&state, scanning: cloned.pid, indices: carried)
             let writer = try ImageWriter(sink: sink)
