@@ -3,7 +3,7 @@ import PackageDescription
 
 /// Test workloads: small C programs that the end-to-end tests and benchmarks
 /// checkpoint and restore. Each is its own executable product.
-let workloads = ["stasis-counter", "wl-threads", "wl-memory", "wl-files", "wl-bench"]
+let workloads = ["stasis-counter", "wl-threads", "wl-memory", "wl-files", "wl-sweep", "wl-bench"]
 
 let package = Package(
     name: "Stasis",
@@ -50,9 +50,16 @@ let package = Package(
             name: "StasisTests",
             dependencies: ["Stasis", "CStasis"]
         ),
+        // What the workloads share: the report protocol's file writes, JSON escaping, timing.
+        .target(
+            name: "WorkloadSupport",
+            path: "Sources/Workloads/support",
+            cSettings: [.unsafeFlags(["-O2"])]
+        ),
     ] + workloads.map {
         .executableTarget(
             name: $0,
+            dependencies: ["WorkloadSupport"],
             path: "Sources/Workloads/\($0)",
             cSettings: [.unsafeFlags(["-O2", "-pthread"])],
             linkerSettings: [.linkedLibrary("pthread")]

@@ -332,10 +332,20 @@ long stasis_spawn_detached(const char *path, char *const argv[], char *const env
 // MARK: cancellation
 
 static volatile sig_atomic_t cancelSignal;
+static volatile pid_t cancelInterruptThread;
 
 static void recordCancelSignal(int signo) {
     if (cancelSignal == 0) cancelSignal = signo;
+    // Make sure the thread doing the blocking work sees EINTR too.
+    pid_t target = cancelInterruptThread;
+    if (target > 0 && (pid_t)syscall(SYS_gettid) != target) {
+        int saved = errno;
+        syscall(SYS_tgkill, getpid(), target, signo);
+        errno = saved;
+    }
 }
+
+void stasis_set_cancel_interrupt_thread(pid_t tid) { cancelInterruptThread = tid; }
 
 int stasis_install_cancel_handler(int signo) {
     struct sigaction action;

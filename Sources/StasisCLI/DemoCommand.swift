@@ -61,10 +61,14 @@ struct DemoScript {
         say("   Its output so far ends with: \(before.suffix(3).map { "count \($0)" }.joined(separator: ", "))")
 
         let tracer = TracerThread()
+        let live = try Snapshotter.snapshot(pid: pid, to: .file(work + "/live.stasis"), mode: .live, after: .run, tracerThread: tracer)
+        unlink(work + "/live.stasis")
+        say("   A live snapshot first: frozen for \(format(live.freeze_ms)) ms, then the image (\(live.pages) pages) streamed in \(format(live.stream_ms)) ms from a copy-on-write clone while the process kept counting.")
+        usleep(400_000)
         let snapshot = try Snapshotter.snapshot(pid: pid, to: .file(image), mode: .stopTheWorld, after: .kill, tracerThread: tracer)
         let atSnapshot = lastCounts(log).last ?? 0
         say("2. Snapshotted PID \(pid) to \(image): \(snapshot.pages) pages, \(snapshot.bytes / 1024) KiB, \(snapshot.threads) thread(s), \(snapshot.mappings) mappings.")
-        say("   The process was frozen for \(format(snapshot.freeze_ms)) ms; the image was written and fsynced, then the process was killed.")
+        say("   This one was stop-the-world (--stop-the-world --kill): frozen for \(format(snapshot.freeze_ms)) ms while the image was written and fsynced, then killed, so nothing it did after the freeze is lost.")
         say("   PID \(pid) exists now: \(access("/proc/\(pid)", F_OK) == 0 ? "yes" : "no"). Last count printed: \(atSnapshot).")
         usleep(1_000_000)
         say("   One second later, still \(lastCounts(log).last ?? 0): nothing is counting.")

@@ -40,11 +40,13 @@ struct Snapshot: ParsableCommand {
         }
         SnapshotWorker.becomeWorker(of: supervisor)
         let tracer = TracerThread()
+        Cancellation.interruptBlockingCalls(of: tracer)
         do {
             let destination: ImageDestination = output == "-" ? .descriptor(.standardOutput) : .file(output)
             let result = try Snapshotter.snapshot(
                 pid: pid, to: destination, mode: stopTheWorld ? .stopTheWorld : .live,
                 after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer)
+            if let fallback = result.fallback { FileHandle.standardError.write(line: "stasis: warning: \(fallback)") }
             if let stats { try writeJSON(result, to: stats) }
         } catch { fail(error) }
     }

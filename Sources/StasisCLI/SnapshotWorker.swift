@@ -35,6 +35,12 @@ enum SnapshotWorker {
             exit(1)
         }
         _ = stasis_forward_signals_to(pid_t(child))
+        // A parent may have started us with these blocked (a thread pool's mask is inherited
+        // through posix_spawn); they must reach the handlers.
+        var forwarded = sigset_t()
+        sigemptyset(&forwarded)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&forwarded, signal) }
+        sigprocmask(SIG_UNBLOCK, &forwarded, nil)
         var status: Int32 = 0
         while waitpid(pid_t(child), &status, 0) < 0 && errno == EINTR {}
         if stasis_wifexited(status) != 0 { exit(stasis_wexitstatus(status)) }

@@ -144,6 +144,8 @@ struct Report: Decodable {
     var pid: Int32
     var tids: [Int32]?
     var detail: String
+    /// wl-sweep: the fewest full passes any thread has completed.
+    var passes_min: Int?
 }
 
 final class VerifyingWorkload {
@@ -193,12 +195,17 @@ func cycle(_ pid: pid_t, image: String, cleanup: Cleanup, extra: [String] = []) 
     return restored
 }
 
-/// What /proc says about a process, to prove a refused snapshot left it exactly as it was.
+/// What /proc says about a process, to prove a refused or discarded snapshot — or a live one —
+/// left it exactly as it was: run state, tracer, per-thread signal masks, dispositions, maps,
+/// open files, and children (a live snapshot's clone must be gone and reaped).
 struct ProcessCondition: Equatable {
     var state: String
     var tracerPID: String
     var blockedSignals: [String]
+    var dispositions: [String]
     var maps: String
+    var files: [String]
+    var children: [String]
 
     init(_ pid: pid_t) throws {
         let status = contents("/proc/\(pid)/status")
@@ -212,5 +219,12 @@ struct ProcessCondition: Equatable {
             contents("/proc/\(pid)/task/\($0)/status").split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.map(String.init) ?? ""
         }
         maps = contents("/proc/\(pid)/maps")
+        dispositions = [field("SigIgn"), field("SigCgt")]
+        files = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).sorted().map {
+            "\($0) -> \((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "?")"
+        }
+        children = (try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")).flatMap {
+            contents("/proc/\(pid)/task/\($0)/children").split(separator: " ").map(String.init)
+        }.sorted()
     }
 }

@@ -149,6 +149,10 @@ int stasis_install_cancel_handler(int signo);
 /// The first signal recorded by the cancel handler, or 0.
 int stasis_cancel_signal(void);
 
+/// The handler also sends the signal to this thread (when it runs on another), so that a
+/// blocking call there returns EINTR. 0 for none.
+void stasis_set_cancel_interrupt_thread(pid_t tid);
+
 /// Installs handlers for SIGINT, SIGTERM and SIGHUP that send the same signal to `pid`.
 int stasis_forward_signals_to(pid_t pid);
 

@@ -27,7 +27,13 @@ enum ProcessCapture {
     /// freeze, saves walking the page tables again while frozen: the freeze reads only
     /// /proc/PID/maps and takes each mapping's VmFlags from the earlier read, unless any mapping
     /// changed meanwhile (then smaps is read again). Pages are not planned (see `planPages`).
-    static func capture(_ frozen: FrozenProcess, earlierMappings: [ProcFS.MapEntry]? = nil) throws -> CapturedState {
+    ///
+    /// With `signalsFromClone`, the signal dispositions and the current brk are not asked while
+    /// frozen: `completeFromClone` asks the copy-on-write clone for them after the release (a
+    /// clone gets a copy of both at the instant it is made), which shortens the freeze by one
+    /// injected system call per caught signal.
+    static func capture(_ frozen: FrozenProcess, earlierMappings: [ProcFS.MapEntry]? = nil,
+                        signalsFromClone: Bool = false) throws -> CapturedState {
         let pid = frozen.pid
         let entries = try currentMappings(pid, earlier: earlierMappings)
         let mappings = try MappingClassifier.classify(entries, pid: pid)
@@ -43,45 +49,47 @@ enum ProcessCapture {
         let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
         let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
         let main = try RemoteSyscaller(tracer: frozen.tracer, tid: pid, syscallInstruction: syscallInstruction)
-        let scratch = try main.call(.mmap, 0, 4096, UInt64(PROT_READ | PROT_WRITE),
-                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch page")
+        // Scratch memory: 32 bytes for the main thread's queries, then 64 bytes per thread.
+        let scratchSize = UInt64((64 + 64 * frozen.threads.count + 4095) / 4096 * 4096)
+        let scratch = try main.call(.mmap, 0, scratchSize, UInt64(PROT_READ | PROT_WRITE),
+                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch memory")
         let memory = RemoteMemory(pid: pid)
         var actions: [SignalAction] = []
         var threadExtras: [pid_t: (AlternateStack, UInt64)] = [:]
         var currentBrk: UInt64 = 0
+        var others: [RemoteSyscaller] = []
         do {
-            for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
-                let bit = UInt64(1) << UInt64(signal - 1)
-                if caught & bit != 0 || signal == SIGCHLD {
-                    try main.call(.rtSigaction, UInt64(signal), 0, scratch, 8, what: "signal \(signal)")
-                    let raw = try memory.read(scratch, count: 32)
-                    let action = SignalAction(signal: signal, handler: raw.readLE(UInt64.self, at: 0),
-                                              flags: raw.readLE(UInt64.self, at: 8), restorer: raw.readLE(UInt64.self, at: 16),
-                                              mask: raw.readLE(UInt64.self, at: 24))
-                    if action.handler != 0 || action.flags != 0 || action.mask != 0 { actions.append(action) }
-                } else if ignored & bit != 0 {
-                    actions.append(SignalAction(signal: signal, handler: 1, flags: 0, restorer: 0, mask: 0))
+            if !signalsFromClone {
+                (actions, currentBrk) = try signalActionsAndBrk(main, memory: memory, scratch: scratch, caught: caught, ignored: ignored)
+            }
+            // Per-thread queries, issued in every thread at once (each its own 64-byte slot).
+            for tid in frozen.threads where tid != pid {
+                others.append(try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction))
+            }
+            let callers = [main] + others
+            func slot(_ index: Int) -> UInt64 { scratch + 64 + UInt64(64 * index) }
+            let stackResults = try RemoteSyscaller.callInEach(callers, .sigaltstack) { [0, slot($0)] }
+            let addressResults = try RemoteSyscaller.callInEach(callers, .prctl) { [40 /* PR_GET_TID_ADDRESS */, slot($0) + 32] }
+            let slots = try memory.read(scratch + 64, count: 64 * callers.count)
+            for (index, caller) in callers.enumerated() {
+                for (name, result) in [("read sigaltstack", stackResults[index]), ("PR_GET_TID_ADDRESS", addressResults[index])]
+                where result < 0 && result > -4096 {
+                    throw RemoteCallError(call: name, tid: caller.tid, detail: String(cString: strerror(Int32(-result))))
                 }
+                let base = 64 * index
+                threadExtras[caller.tid] = (AlternateStack(base: slots.readLE(UInt64.self, at: base),
+                                                           flags: slots.readLE(Int32.self, at: base + 8),
+                                                           size: slots.readLE(UInt64.self, at: base + 16)),
+                                            slots.readLE(UInt64.self, at: base + 32))
             }
-            currentBrk = try main.call(.brk, 0)
-            for tid in frozen.threads {
-                let caller = tid == pid ? main
-                    : try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction)
-                try caller.call(.sigaltstack, 0, scratch, what: "read sigaltstack")
-                let stack = try memory.read(scratch, count: 24)
-                try caller.call(.prctl, 40 /* PR_GET_TID_ADDRESS */, scratch, what: "PR_GET_TID_ADDRESS")
-                let clearTID = try memory.readValue(scratch, as: UInt64.self)
-                threadExtras[tid] = (AlternateStack(base: stack.readLE(UInt64.self, at: 0),
-                                                    flags: stack.readLE(Int32.self, at: 8),
-                                                    size: stack.readLE(UInt64.self, at: 16)), clearTID)
-                if tid != pid { try caller.finish() }
-            }
+            for caller in others { try caller.finish() }
         } catch {
-            _ = try? main.call(.munmap, scratch, 4096)
+            for caller in others { try? caller.finish() }
+            _ = try? main.call(.munmap, scratch, scratchSize)
             try? main.finish()
             throw error
         }
-        try main.call(.munmap, scratch, 4096, what: "scratch page")
+        try main.call(.munmap, scratch, scratchSize, what: "scratch memory")
         try main.finish()
 
         var threads: [ThreadRecord] = []
@@ -110,15 +118,55 @@ enum ProcessCapture {
         return state
     }
 
+    /// Asks `caller`'s process for each caught (and SIGCHLD's) disposition and its current brk;
+    /// ignored signals come from the SigIgn mask.
+    private static func signalActionsAndBrk(
+        _ caller: RemoteSyscaller, memory: RemoteMemory, scratch: UInt64, caught: UInt64, ignored: UInt64
+    ) throws -> ([SignalAction], UInt64) {
+        var actions: [SignalAction] = []
+        for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
+            let bit = UInt64(1) << UInt64(signal - 1)
+            if caught & bit != 0 || signal == SIGCHLD {
+                try caller.call(.rtSigaction, UInt64(signal), 0, scratch, 8, what: "signal \(signal)")
+                let raw = try memory.read(scratch, count: 32)
+                let action = SignalAction(signal: signal, handler: raw.readLE(UInt64.self, at: 0),
+                                          flags: raw.readLE(UInt64.self, at: 8), restorer: raw.readLE(UInt64.self, at: 16),
+                                          mask: raw.readLE(UInt64.self, at: 24))
+                if action.handler != 0 || action.flags != 0 || action.mask != 0 { actions.append(action) }
+            } else if ignored & bit != 0 {
+                actions.append(SignalAction(signal: signal, handler: 1, flags: 0, restorer: 0, mask: 0))
+            }
+        }
+        return (actions, try caller.call(.brk, 0))
+    }
+
+    /// Fills in what `capture(signalsFromClone: true)` left out — signal dispositions and the
+    /// brk — by asking the never-running clone, whose copies of both are the process's at the
+    /// freeze. The clone's scratch page is unmapped again (the clone's memory is never restored
+    /// from, only read at addresses the process had mapped).
+    static func completeFromClone(_ state: inout CapturedState, clone: pid_t, tracer: Tracer) throws {
+        let status = try ProcFS.status("/proc/\(clone)/status")
+        let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
+        let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
+        let caller = try RemoteSyscaller(tracer: tracer, tid: clone, syscallInstruction: state.syscallInstruction)
+        defer { try? caller.finish() }
+        let scratch = try caller.call(.mmap, 0, 4096, UInt64(PROT_READ | PROT_WRITE),
+                                      UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch page in the clone")
+        let (actions, brk) = try signalActionsAndBrk(caller, memory: RemoteMemory(pid: clone), scratch: scratch,
+                                                     caught: caught, ignored: ignored)
+        try caller.call(.munmap, scratch, 4096, what: "scratch page in the clone")
+        state.process.signalActions = actions
+        state.process.memoryLayout.brk = brk
+    }
+
     /// The frozen process's mappings with their VmFlags, reusing `earlier` when nothing changed.
     private static func currentMappings(_ pid: pid_t, earlier: [ProcFS.MapEntry]?) throws -> [ProcFS.MapEntry] {
         guard let earlier else { return try ProcFS.mappings(pid) }
         var current = try ProcFS.mapEntries(pid)
         var flagsByMapping: [String: [String]] = [:]
+        // Written out: interpolating the struct itself goes through reflection (milliseconds).
         func key(_ entry: ProcFS.MapEntry) -> String {
-            var plain = entry
-            plain.vmFlags = []
-            return "\(plain)"
+            "\(entry.start)-\(entry.end) \(entry.readable)\(entry.writable)\(entry.executable)\(entry.shared) \(entry.offset) \(entry.deviceMajor):\(entry.deviceMinor) \(entry.inode) \(entry.name)"
         }
         for entry in earlier { flagsByMapping[key(entry)] = entry.vmFlags }
         for index in current.indices {

@@ -78,6 +78,35 @@ final class RemoteSyscaller {
         return Int64(bitPattern: try tracer.registers(tid).rax)
     }
 
+    /// Issues one system call in each of `callers`' threads at once (`arguments(i)` for the
+    /// i-th), overlapping their round trips through the tracer: the threads are stepped to their
+    /// entry stops together, then to their exit stops together. Returns each raw result.
+    /// For calls that create no threads.
+    static func callInEach(
+        _ callers: [RemoteSyscaller], _ number: SyscallNumber, _ arguments: (Int) -> [UInt64]
+    ) throws -> [Int64] {
+        for (index, caller) in callers.enumerated() {
+            var regs = caller.base
+            regs.rax = number.rawValue
+            regs.orig_rax = GeneralRegisters.noSystemCall
+            regs.rip = caller.syscallInstruction
+            let argumentRegisters: [WritableKeyPath<GeneralRegisters, UInt64>] = [\.rdi, \.rsi, \.rdx, \.r10, \.r8, \.r9]
+            for (slot, value) in arguments(index).enumerated() { regs[keyPath: argumentRegisters[slot]] = value }
+            try caller.tracer.setRegisters(caller.tid, regs)
+            try caller.tracer.resumeToSyscall(caller.tid)
+        }
+        for caller in callers {
+            try caller.expectSyscallStop(number, phase: "entry")
+            try caller.tracer.resumeToSyscall(caller.tid)
+        }
+        var results: [Int64] = []
+        for caller in callers {
+            try caller.expectSyscallStop(number, phase: "exit")
+            results.append(Int64(bitPattern: try caller.tracer.registers(caller.tid).rax))
+        }
+        return results
+    }
+
     private func expectSyscallStop(_ number: SyscallNumber, phase: String) throws {
         let event = try tracer.waitForEvent(tid)
         guard case let .stopped(signal, eventCode) = event, signal == (SIGTRAP | 0x80), eventCode == 0 else {

@@ -202,10 +202,12 @@ public final class FrozenProcess {
     }
 }
 
-/// Waits until /proc/PID is gone (the process was reaped), polling.
-public func waitForPIDToBeFree(_ pid: pid_t, timeoutSeconds: Double, what: String? = nil) throws {
+/// Waits until /proc/PID is gone (the process was reaped), or `reused` says the PID now
+/// belongs to another process, polling.
+public func waitForPIDToBeFree(_ pid: pid_t, timeoutSeconds: Double, what: String? = nil,
+                               orUntil reused: () -> Bool = { false }) throws {
     let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
-    while pathExists("/proc/\(pid)") {
+    while pathExists("/proc/\(pid)") && !reused() {
         if monotonicNanoseconds() > deadline {
             if let what { throw StasisError.pidTaken(pid: pid, by: "\(what) still running after \(timeoutSeconds) s") }
             throw StasisError.notTraceable(pid: pid, reason: "it was killed but its parent has not reaped it after \(timeoutSeconds) s")

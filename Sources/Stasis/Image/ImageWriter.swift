@@ -109,6 +109,8 @@ public final class ImageWriter {
                 let wrote = try retryingInterruptsUnlessCancelled("writev", sink.name) {
                     Glibc.writev(sink.rawValue, vectors, Int32(vectors.count)).negatedErrnoIfFailed()
                 }
+                // A signal can also end a blocked write early with a partial count.
+                try Cancellation.check()
                 let fromStaged = min(wrote, stagedCount - stagedDone)
                 stagedDone += fromStaged
                 dataDone += wrote - fromStaged

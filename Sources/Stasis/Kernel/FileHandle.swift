@@ -60,6 +60,7 @@ public final class FileHandle: Sendable {
             done += try retryingInterruptsUnlessCancelled("write", name) {
                 Glibc.write(rawValue, buffer + done, count - done).negatedErrnoIfFailed()
             }
+            if done < count { try Cancellation.check() }  // a signal can end a write early
         }
     }
 

@@ -47,6 +47,14 @@ final class CopyOnWriteClone {
     }
 
     static let cloneFiles: UInt64 = 0x400, cloneFS: UInt64 = 0x200
+
+    /// The process could not be cloned (a pids limit, no memory for page tables); nothing was
+    /// changed in it.
+    struct Unavailable: Error, CustomStringConvertible {
+        var pid: pid_t
+        var reason: String
+        var description: String { "PID \(pid) could not be cloned for a copy-on-write snapshot: \(reason)" }
+    }
     static let waitAll: UInt64 = 0x4000_0000  // __WALL
 
     /// Clones the frozen process. Must run on the tracer thread that froze it.
@@ -64,7 +72,7 @@ final class CopyOnWriteClone {
             throw error
         }
         if result < 0 {
-            throw StasisError.notTraceable(pid: frozen.pid, reason: "clone for the copy-on-write snapshot failed: \(String(cString: strerror(Int32(-result))))")
+            throw Unavailable(pid: frozen.pid, reason: String(cString: strerror(Int32(-result))))
         }
         let child = pid_t(result)
         let clone = CopyOnWriteClone(pid: child, parent: frozen.pid, tracer: frozen.tracer, syscallInstruction: syscallInstruction)
@@ -141,9 +149,11 @@ final class CopyOnWriteClone {
     }
 
     /// Kills the clone and, if `reapInParent` and the process still exists, reaps the clone's
-    /// zombie from inside the process. Safe to call more than once. Must run on the tracer thread.
-    func destroy(reapInParent: Bool) {
-        guard !destroyed else { return }
+    /// zombie from inside the process. Returns how long (ns) a thread of the process was
+    /// stopped for that. Safe to call more than once. Must run on the tracer thread.
+    @discardableResult
+    func destroy(reapInParent: Bool) -> UInt64 {
+        guard !destroyed else { return 0 }
         destroyed = true
         syscaller = nil
         pagemap = nil
@@ -153,18 +163,19 @@ final class CopyOnWriteClone {
             if case .stopped = event { try? tracer.resume(pid); continue }
             break
         }
-        guard reapInParent, pathExists("/proc/\(parent)") else { return }
+        guard reapInParent, pathExists("/proc/\(parent)") else { return 0 }
         // The zombie now belongs to the process (its real parent), which is not told (exit
         // signal 0). Reap it there: stop one thread for one injected wait4.
+        // Found before the stop: the process may have exec'd a new image (and [vdso]).
+        guard let entries = try? ProcFS.mapEntries(parent), let vdso = entries.first(where: { $0.name == "[vdso]" }),
+              let instruction = try? findSyscallInstruction(pid: parent, in: vdso) else { return 0 }
         guard let held = try? FrozenProcess.freeze(pid: parent, tracer: tracer, onlyOneThread: true),
-              let tid = held.threads.first else { return }
-        // Found afresh: the process may have exec'd a new image (and [vdso]) since the clone.
-        if let entries = try? ProcFS.mapEntries(parent), let vdso = entries.first(where: { $0.name == "[vdso]" }),
-           let instruction = try? findSyscallInstruction(pid: parent, in: vdso),
-           let caller = try? RemoteSyscaller(tracer: tracer, tid: tid, syscallInstruction: instruction) {
+              let tid = held.threads.first else { return 0 }
+        if let caller = try? RemoteSyscaller(tracer: tracer, tid: tid, syscallInstruction: instruction) {
             _ = try? caller.callRaw(.wait4, [UInt64(pid), 0, Self.waitAll, 0])
             try? caller.finish()
         }
         try? held.release()
+        return monotonicNanoseconds() - held.frozenAt
     }
 }

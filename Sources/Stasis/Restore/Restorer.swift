@@ -93,9 +93,18 @@ public enum Restorer {
         return (try ImageReader(source: spool), spool)
     }
 
+    /// Whether the task holding `tid` is on its way out (a zombie, or already unreadable) and
+    /// disappears within a few seconds — e.g. the original of a `--kill` snapshot whose parent
+    /// has not reaped it yet.
+    static func vanishesSoon(_ tid: pid_t) -> Bool {
+        let state = (try? ProcFS.status("/proc/\(tid)/status"))?["State"] ?? "X"
+        guard state.hasPrefix("Z") || state.hasPrefix("X") else { return false }
+        return (try? waitForPIDToBeFree(tid, timeoutSeconds: 5)) != nil
+    }
+
     /// Checks, before creating anything, that the restore can succeed as far as can be known.
     static func preflight(_ metadata: ImageMetadata) throws {
-        for tid in [metadata.process.pid] + metadata.threads.map(\.tid) where pathExists("/proc/\(tid)") {
+        for tid in [metadata.process.pid] + metadata.threads.map(\.tid) where pathExists("/proc/\(tid)") && !vanishesSoon(tid) {
             throw StasisError.pidTaken(pid: tid, by: describeProcess(tid))
         }
         var checked = Set<String>()

@@ -14,6 +14,19 @@ public enum Cancellation {
         for signal in signals { _ = stasis_install_cancel_handler(signal) }
     }
 
+    /// Makes cancellation signals interrupt the blocking calls of `tracerThread` (a write to a
+    /// full pipe, a slow disk): the thread accepts these signals, and the handler forwards them
+    /// to it when they land on another thread.
+    public static func interruptBlockingCalls(of tracerThread: TracerThread, signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]) {
+        try? tracerThread.perform { _ in
+            var set = sigset_t()
+            sigemptyset(&set)
+            for signal in signals { sigaddset(&set, signal) }
+            pthread_sigmask(SIG_UNBLOCK, &set, nil)
+            stasis_set_cancel_interrupt_thread(pid_t(stasis_gettid()))
+        }
+    }
+
     /// The signal that asked for cancellation, or nil.
     public static var requestedBy: Int32? {
         let signal = stasis_cancel_signal()

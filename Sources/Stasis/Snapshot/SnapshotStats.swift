@@ -40,4 +40,6 @@ public struct SnapshotStats: Codable, Sendable {
     public var threads: Int
     public var mappings: Int
     public var pid: Int32
+    /// Set when a live snapshot had to be taken stop-the-world instead, and why.
+    public var fallback: String?
 }

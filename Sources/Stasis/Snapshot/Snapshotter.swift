@@ -37,6 +37,11 @@ public enum Snapshotter {
         let sink: FileHandle
         var temporaryPath: String?
         switch destination {
+        case let .file(path) where isSpecialFile(path):
+            // A device or FIFO (`-o /dev/null`, `-o /dev/stdout`, a named pipe) is written in
+            // place: renaming a temporary file over it would replace the device node.
+            sink = try FileHandle.open(path, O_WRONLY)
+            if sink.isPipe { enlargePipe(sink) }
         case let .file(path):
             let temporary = path + ".partial"
             sink = try FileHandle.open(temporary, O_WRONLY | O_CREAT | O_TRUNC, permissions: 0o600)
@@ -77,7 +82,7 @@ public enum Snapshotter {
         let captureStart = monotonicNanoseconds()
         var cloneStart: UInt64 = 0
         do {
-            state = try ProcessCapture.capture(frozen, earlierMappings: earlier)
+            state = try ProcessCapture.capture(frozen, earlierMappings: earlier, signalsFromClone: true)
             // Mappings a fork does not carry are read now, while frozen.
             let notCarried = state.mappings.indices.filter {
                 state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
@@ -88,28 +93,45 @@ public enum Snapshotter {
             }
             try Cancellation.check()
             cloneStart = monotonicNanoseconds()
-            clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+            do {
+                clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+            } catch let unavailable as CopyOnWriteClone.Unavailable {
+                // Still frozen and unchanged: finish as a stop-the-world snapshot instead.
+                // Ask the process itself what the clone would have told.
+                let complete = try ProcessCapture.capture(frozen, earlierMappings: earlier)
+                state.process = complete.process
+                var stats = try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
+                                                  destination: destination, after: after, start: start, captureStart: captureStart)
+                stats.fallback = "\(unavailable); the process stayed frozen until the image was complete"
+                return stats
+            }
             try frozen.release()
         } catch {
             try? frozen.release()
             clone?.destroy(reapInParent: true)
-            throw error
+            throw discarded(pid, error)
         }
         let releasedAt = monotonicNanoseconds()
         let cloned = clone!
         let preservedBytes = preserved.values.reduce(UInt64(0)) { $0 + UInt64($1.byteCount) }
         do {
             let streamStart = monotonicNanoseconds()
+            try ProcessCapture.completeFromClone(&state, clone: cloned.pid, tracer: tracer)
             let carried = state.mappings.indices.filter { preserved[$0] == nil }
             try ProcessCapture.planPages(&state, scanning: cloned.pid, indices: carried)
             let writer = try ImageWriter(sink: sink)
             try writeRecords(state, to: writer)
             let dumper = PageDumper(source: cloned.pid)
+            // The clone's own memory is sampled (smaps_rollup walks its page tables, ~13 ms/GiB)
+            // at most every 200 ms, and once after the last block.
             var peakExtra: UInt64 = 0
-            var blocks = 0
+            var lastSample: UInt64 = 0
             dumper.afterBlock = { runs in
-                if blocks % 64 == 0 { peakExtra = max(peakExtra, cloned.extraBytes()) }
-                blocks += 1
+                let now = monotonicNanoseconds()
+                if now - lastSample > 200_000_000 {
+                    peakExtra = max(peakExtra, cloned.extraBytes())
+                    lastSample = now
+                }
                 try cloned.giveBack(runs)
             }
             try dumper.dump(state, preserved: preserved, to: writer)
@@ -118,9 +140,7 @@ public enum Snapshotter {
             try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
             let streamEnd = monotonicNanoseconds()
             // The image is complete: the clone goes, and its zombie is reaped inside the process.
-            let cleanupStart = monotonicNanoseconds()
-            cloned.destroy(reapInParent: after != .kill)
-            let cleanupEnd = monotonicNanoseconds()
+            let cleanupStop = cloned.destroy(reapInParent: after != .kill)
             try finishProcess(pid, after: after)
             return SnapshotStats(
                 mode: .live,
@@ -132,7 +152,7 @@ public enum Snapshotter {
                 write_ms: milliseconds(streamEnd - streamStart),
                 cow_pages: cloned.preservedPages,
                 peak_extra_bytes: peakExtra + preservedBytes + UInt64(ImageFormat.maxPagesPerBlock * 4096),
-                cleanup_stop_ms: after == .kill ? 0 : milliseconds(cleanupEnd - cleanupStart),
+                cleanup_stop_ms: milliseconds(cleanupStop),
                 pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
                 threads: state.threads.count, mappings: state.mappings.count, pid: pid)
         } catch {
@@ -146,48 +166,58 @@ public enum Snapshotter {
         after: AfterSnapshot, tracer: Tracer, start: UInt64
     ) throws -> SnapshotStats {
         let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
-        var releasedAt: UInt64 = 0
         do {
             let captureStart = monotonicNanoseconds()
             var state = try ProcessCapture.capture(frozen)
-            try ProcessCapture.planPages(&state, scanning: pid)
-            let captureEnd = monotonicNanoseconds()
-            let writer = try ImageWriter(sink: sink)
-            try writeRecords(state, to: writer)
-            let dumper = PageDumper(source: pid)
-            try dumper.dump(state, to: writer)
-            let trailer = try writer.finish()
-            try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
-            let writeEnd = monotonicNanoseconds()
-            switch after {
-            case .run: try frozen.release()
-            case .stop: try frozen.releaseStopped()
-            case .kill:
-                // The process never runs again: its freeze ends when SIGKILL is sent,
-                // not when its parent gets round to reaping it.
-                let cgroup = StasisCgroup.of(pid: pid)
-                releasedAt = monotonicNanoseconds()
-                try frozen.kill()
-                cgroup?.removeIfEmpty()
-            }
-            if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
-            return SnapshotStats(
-                mode: .stopTheWorld,
-                freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
-                total_ms: milliseconds(writeEnd - start),
-                capture_ms: milliseconds(captureEnd - captureStart),
-                cow_ms: 0,
-                stream_ms: milliseconds(writeEnd - captureEnd),
-                write_ms: milliseconds(writeEnd - captureEnd),
-                cow_pages: 0,
-                peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
-                cleanup_stop_ms: 0,
-                pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
-                threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+            return try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
+                                         destination: destination, after: after, start: start, captureStart: captureStart)
         } catch {
             try? frozen.release()
             throw discarded(pid, error)
         }
+    }
+
+    /// Plans and streams the pages of a frozen, captured process, then runs, stops or kills it.
+    private static func streamWhileFrozen(
+        _ frozen: FrozenProcess, state: inout CapturedState, sink: FileHandle, temporaryPath: String?,
+        destination: ImageDestination, after: AfterSnapshot, start: UInt64, captureStart: UInt64
+    ) throws -> SnapshotStats {
+        let pid = frozen.pid
+        var releasedAt: UInt64 = 0
+        try ProcessCapture.planPages(&state, scanning: pid)
+        let captureEnd = monotonicNanoseconds()
+        let writer = try ImageWriter(sink: sink)
+        try writeRecords(state, to: writer)
+        let dumper = PageDumper(source: pid)
+        try dumper.dump(state, to: writer)
+        let trailer = try writer.finish()
+        try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+        let writeEnd = monotonicNanoseconds()
+        switch after {
+        case .run: try frozen.release()
+        case .stop: try frozen.releaseStopped()
+        case .kill:
+            // The process never runs again: its freeze ends when SIGKILL is sent,
+            // not when its parent gets round to reaping it.
+            let cgroup = StasisCgroup.of(pid: pid)
+            releasedAt = monotonicNanoseconds()
+            try frozen.kill()
+            cgroup?.removeIfEmpty()
+        }
+        if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
+        return SnapshotStats(
+            mode: .stopTheWorld,
+            freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
+            total_ms: milliseconds(writeEnd - start),
+            capture_ms: milliseconds(captureEnd - captureStart),
+            cow_ms: 0,
+            stream_ms: milliseconds(writeEnd - captureEnd),
+            write_ms: milliseconds(writeEnd - captureEnd),
+            cow_pages: 0,
+            peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
+            cleanup_stop_ms: 0,
+            pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
+            threads: state.threads.count, mappings: state.mappings.count, pid: pid)
     }
 
     private static func writeRecords(_ state: CapturedState, to writer: ImageWriter) throws {
@@ -213,8 +243,11 @@ public enum Snapshotter {
         case .stop: _ = Glibc.kill(pid, SIGSTOP)
         case .kill:
             let cgroup = StasisCgroup.of(pid: pid)
+            let startTime = try? ProcFS.stat(pid)[22]
             _ = Glibc.kill(pid, SIGKILL)
-            try waitForPIDToBeFree(pid, timeoutSeconds: 30)
+            // Gone, or its PID already reused (`snapshot --kill -o - | restore -` restores it
+            // as soon as it is free).
+            try waitForPIDToBeFree(pid, timeoutSeconds: 30, orUntil: { (try? ProcFS.stat(pid)[22]) != startTime })
             cgroup?.removeIfEmpty()
         }
     }
@@ -229,6 +262,12 @@ public enum Snapshotter {
             }
         }
         return StasisError.discarded(pid: pid, reason: "\(error)")
+    }
+
+    /// Whether `path` names something other than a regular file or nothing (a device, a FIFO).
+    static func isSpecialFile(_ path: String) -> Bool {
+        guard let st = try? statPath(path) else { return false }
+        return (st.st_mode & S_IFMT) != S_IFREG
     }
 
     /// Grows an output pipe to the system's maximum (best effort): with the default 64 KiB,

@@ -23,6 +23,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload_support.h"
+
 #define PG 4096UL
 #define HUGE_SZ (2UL * 1024 * 1024)
 
@@ -41,10 +43,6 @@ static void on_signal(int sig) {
         got_usr1 = 1;
     else
         got_term = 1;
-}
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL); // EINTR: the caller just loops
 }
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -144,16 +142,8 @@ int main(int argc, char **argv) {
             w[i] = xorshift(&x);
     }
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigset_t set, old;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR1);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, &old); // threads inherit it: signals go to main
+    sigset_t old;
+    install_report_signals(on_signal, &old); // threads inherit the block: signals go to main
 
     size_t hot_pages = (size_t)((double)npages * hot / 100.0);
     if (hot > 0 && hot_pages == 0)

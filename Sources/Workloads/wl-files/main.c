@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload_support.h"
+
 #define NLINES 100
 #define MAGIC 0x57A515F11E5EC0DEULL
 
@@ -256,18 +258,6 @@ static void on_signal(int sig) {
         got_usr1 = 1;
     else
         got_term = 1;
-}
-
-static int write_atomic(const char *path, const char *text) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return -1;
-    fputs(text, f);
-    if (fclose(f) != 0)
-        return -1;
-    return rename(tmp, path);
 }
 
 static int open_in_dir(const char *name, int flags) {

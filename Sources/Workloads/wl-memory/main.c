@@ -46,6 +46,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload_support.h"
+
 #define PG 4096UL
 #define MiB (1024UL * 1024)
 #define NOBJ 6000
@@ -149,11 +151,6 @@ static pid_t gen_tid, stack_tid;
 
 static volatile uint64_t data_magic = 0xDA7A0123456789ABULL; // .data
 static volatile uint64_t bss_value;                           // .bss, set at start
-
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL); // EINTR ends the step early; callers loop
-}
 
 static void *gen_thread(void *arg) {
     (void)arg;
@@ -325,18 +322,6 @@ static void on_signal(int sig) {
         got_term = 1;
 }
 
-static int write_atomic(const char *path, const char *text) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return -1;
-    fputs(text, f);
-    if (fclose(f) != 0)
-        return -1;
-    return rename(tmp, path);
-}
-
 static void *map(size_t len, int prot_flags, int extra) {
     void *p = mmap(NULL, len, prot_flags, MAP_PRIVATE | MAP_ANONYMOUS | extra, -1, 0);
     if (p == MAP_FAILED) {
@@ -444,16 +429,8 @@ int main(int argc, char **argv) {
     // generation area, threads (signals blocked in them so they go to main)
     gen_area = map(MiB, PROT_READ | PROT_WRITE, 0);
     fill(gen_area, MiB, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigset_t set, old;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR1);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, &old);
+    sigset_t old;
+    install_report_signals(on_signal, &old); // threads inherit the block: signals go to main
     pthread_t t1, t2;
     if (pthread_create(&t1, NULL, gen_thread, NULL) || pthread_create(&t2, NULL, stack_thread, NULL))
         return 1;

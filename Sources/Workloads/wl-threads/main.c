@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload_support.h"
+
 #define CHUNK 4096     // iterations per asm block
 #define MAXTHREADS 256
 
@@ -236,40 +238,6 @@ static void on_signal(int sig) {
         got_term = 1;
 }
 
-static void sleep_ms(long ms) { // one step; EINTR just ends it early
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static long long mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int write_atomic(const char *path, const char *text) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return -1;
-    fputs(text, f);
-    if (fclose(f) != 0)
-        return -1;
-    return rename(tmp, path);
-}
-
-static void json_str(char *out, size_t cap, const char *s) { // escape into a JSON string body
-    size_t o = 0;
-    for (; *s && o + 7 < cap; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') { out[o++] = '\\'; out[o++] = (char)c; }
-        else if (c < 0x20) o += (size_t)snprintf(out + o, cap - o, "\\u%04x", c);
-        else out[o++] = (char)c;
-    }
-    out[o] = 0;
-}
-
 static void report(const char *path, uint64_t checks) {
     static char detail[4096], buf[32768], esc[8192];
     size_t dl = 0;
@@ -347,17 +315,8 @@ int main(int argc, char **argv) {
     tls_magic = magic_for(-1);
     tls_self = &workers;
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigset_t set, old;
-    sigemptyset(&set);
-    sigaddset(&set, SIGUSR1);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, &old); // workers inherit the block: signals go to main
+    sigset_t old;
+    install_report_signals(on_signal, &old); // threads inherit the block: signals go to main
 
     workers = aligned_alloc(64, sizeof(struct worker) * (size_t)nthreads);
     if (!workers)
