@@ -104,7 +104,7 @@ struct LiveReport {
                 line("Growth with size (least squares through the medians at \(points.map { fmt($0.0, 0) + " GiB" }.joined(separator: ", "))): live freeze ≈ \(fmt(live.intercept, 1)) ms + \(fmt(live.slope, 1)) ms/GiB; fork floor ≈ \(fmt(fork.intercept, 1)) ms + \(fmt(fork.slope, 1)) ms/GiB.")
                 line()
             }
-            line("`freeze_ms` runs from the first thread seized to the last one detached. `capture_ms` covers /proc/PID/maps, the fd table, the injected system calls (scratch page, `rt_sigaction` per caught signal, `brk`, per thread `sigaltstack` and `PR_GET_TID_ADDRESS`), registers and the /proc files. `cow_ms` covers the injected `clone` (the kernel's page-table copy, which the fork floor measures), waiting for the clone's first stop, its options, and the release of every thread. `cleanup_stop_ms` is the whole clean-up after the stream: killing the clone and waiting for its exit, then stopping one thread for the injected `wait4`; the process is stopped only for the second part.")
+            line("`freeze_ms` runs from the first thread seized to the last one detached. `capture_ms` covers /proc/PID/maps, the fd table, the injected system calls (scratch page, `rt_sigaction` per caught signal, `brk`, per thread `sigaltstack` and `PR_GET_TID_ADDRESS`), registers and the /proc files. `cow_ms` covers the injected `clone` (the kernel's page-table copy, which the fork floor measures), waiting for the clone's first stop, its options, and the release of every thread. `cleanup_stop_ms` is the second, short stop after the stream: one thread stopped for the injected `wait4` that reaps the clone (stasis before 4703f20 timed the whole clean-up, killing the clone and waiting for its exit included).")
             line()
 
             line("#### Streaming (live snapshot, image to /dev/null) against the read limit")
@@ -248,7 +248,7 @@ struct LiveReport {
         // MARK: peak memory
         let memoryRows = results.snaps.keys.sorted().filter { $0.hasSuffix("/live") || $0.hasSuffix("/file") || $0.hasPrefix("hot/") || $0 == "tput/live" }
         if !memoryRows.isEmpty {
-            line("### Extra memory at the peak (`peak_extra_bytes`, sampled by stasis every 64 blocks) and pages kept for the snapshot (`cow_pages`)")
+            line("### Extra memory at the peak (`peak_extra_bytes`, sampled by stasis during the stream) and pages kept for the snapshot (`cow_pages`)")
             line()
             line("| snapshot | runs | peak extra MiB min / med / max | cow_pages med (max) | workload page tables MiB |")
             line("|---|---|---|---|---|")
