@@ -29,7 +29,7 @@ enum ProcessCapture {
     /// changed meanwhile (then smaps is read again). Pages are not planned (see `planPages`).
     ///
     /// With `signalsFromClone`, the signal dispositions and the current brk are not asked while
-    /// frozen: `completeFromClone` asks the copy-on-write clone for them after the release (a
+    /// frozen: `askSignalsAndBrk` asks the copy-on-write clone for them after the release (a
     /// clone gets a copy of both at the instant it is made), which shortens the freeze by one
     /// injected system call per caught signal.
     static func capture(_ frozen: FrozenProcess, earlierMappings: [ProcFS.MapEntry]? = nil,
@@ -141,10 +141,10 @@ enum ProcessCapture {
     }
 
     /// Fills in what `capture(signalsFromClone: true)` left out — signal dispositions and the
-    /// brk — by asking the never-running clone, whose copies of both are the process's at the
-    /// freeze. The clone's scratch page is unmapped again (the clone's memory is never restored
-    /// from, only read at addresses the process had mapped).
-    static func completeFromClone(_ state: inout CapturedState, clone: pid_t, tracer: Tracer) throws {
+    /// brk — by asking `pid` through a scratch page mapped and unmapped in it: the never-running
+    /// clone, whose copies of both are the process's at the freeze, or (when no clone could be
+    /// made) the still-frozen process itself.
+    static func askSignalsAndBrk(_ state: inout CapturedState, of clone: pid_t, tracer: Tracer) throws {
         let status = try ProcFS.status("/proc/\(clone)/status")
         let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
         let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0

@@ -98,8 +98,7 @@ public enum Snapshotter {
             } catch let unavailable as CopyOnWriteClone.Unavailable {
                 // Still frozen and unchanged: finish as a stop-the-world snapshot instead.
                 // Ask the process itself what the clone would have told.
-                let complete = try ProcessCapture.capture(frozen, earlierMappings: earlier)
-                state.process = complete.process
+                try ProcessCapture.askSignalsAndBrk(&state, of: pid, tracer: tracer)
                 var stats = try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
                                                   destination: destination, after: after, start: start, captureStart: captureStart)
                 stats.fallback = "\(unavailable); the process stayed frozen until the image was complete"
@@ -116,7 +115,7 @@ public enum Snapshotter {
         let preservedBytes = preserved.values.reduce(UInt64(0)) { $0 + UInt64($1.byteCount) }
         do {
             let streamStart = monotonicNanoseconds()
-            try ProcessCapture.completeFromClone(&state, clone: cloned.pid, tracer: tracer)
+            try ProcessCapture.askSignalsAndBrk(&state, of: cloned.pid, tracer: tracer)
             let carried = state.mappings.indices.filter { preserved[$0] == nil }
             try ProcessCapture.planPages(&state, scanning: cloned.pid, indices: carried)
             let writer = try ImageWriter(sink: sink)
