@@ -203,9 +203,11 @@ struct LiveSnapshotTests {
         reader.executableURL = URL(fileURLWithPath: "/bin/sh")
         reader.arguments = ["-c", "cat '\(fifo)' > '\(copy)'"]
         try reader.run()
+        // If stasis never opens the FIFO, cat would wait for a writer forever.
+        defer { if reader.isRunning { kill(reader.processIdentifier, SIGKILL) } }
         let result = try stasis("snapshot", "\(workload.pid)", "-o", fifo, "--kill")
         #expect(result.succeeded, "\(result.stderr)")
-        reader.waitUntilExit()
+        try waitUntil(20, "the FIFO reader to finish") { !reader.isRunning }
         try restoreAndVerify(copy, workload, cleanup: cleanup)
     }
 
