@@ -3,7 +3,7 @@ import PackageDescription
 
 /// Test workloads: small C programs that the end-to-end tests and benchmarks
 /// checkpoint and restore. Each is its own executable product.
-let workloads = ["stasis-counter", "wl-threads", "wl-memory", "wl-files", "wl-sweep", "wl-bench"]
+let workloads = ["stasis-counter", "wl-threads", "wl-memory", "wl-files", "wl-sweep", "wl-bench", "wl-pipe", "wl-shared", "wl-zombies", "wl-blocked", "wl-tree", "wl-forker"]
 
 let package = Package(
     name: "Stasis",

@@ -9,6 +9,8 @@
 #include <spawn.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -161,20 +163,39 @@ static inline long rawSyscall4(long n, long a1, long a2, long a3, long a4) {
     return ret;
 }
 
-long stasis_spawn_restore_stub(pid_t pid, int cgroupFD) {
-    pid_t tids[1] = {pid};
-    struct clone_args args;
-    memset(&args, 0, sizeof(args));
-    args.exit_signal = SIGCHLD;
-    args.set_tid = (uint64_t)(uintptr_t)tids;
-    args.set_tid_size = 1;
-    if (cgroupFD >= 0) {
-        args.flags |= 0x200000000ULL; // CLONE_INTO_CGROUP
-        args.cgroup = (uint64_t)cgroupFD;
-    }
-    long child = rawSyscall4(SYS_clone3, (long)&args, sizeof(args), 0, 0);
-    if (child != 0) return child; // the parent: PID or -errno
-    // The child: only raw syscalls from here on.
+static inline long rawSyscall6(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+static const char procName[] = "proc";
+static const char procPath[] = "/proc";
+static const char rootPath[] = "/";
+
+// In a child that has just entered new PID and mount namespaces: keeps its mounts to itself and
+// mounts a /proc that shows its own PID namespace. Returns 0 or -errno.
+static long mountPrivateProc(void) {
+    long failure = rawSyscall6(SYS_mount, 0, (long)rootPath, 0, MS_REC | MS_PRIVATE, 0, 0);
+    if (failure < 0) return failure;
+    return rawSyscall6(SYS_mount, (long)procName, (long)procPath, (long)procName, MS_NOSUID | MS_NODEV | MS_NOEXEC, 0, 0);
+}
+
+// Closes every fd except `keepFD` (which may be -1).
+static void closeAllBut(int keepFD) {
+    if (keepFD > 0) rawSyscall4(SYS_close_range, 0, keepFD - 1, 0, 0);
+    if (keepFD >= 0) rawSyscall4(SYS_close_range, keepFD + 1, ~0U, 0, 0);
+    else rawSyscall4(SYS_close_range, 0, ~0U, 0, 0);
+}
+
+// The restore stub's own set-up, then pause() until a tracer takes it over. Never returns.
+__attribute__((noreturn)) static void becomeStub(int keepFD) {
     uint64_t all = ~0ULL;
     rawSyscall4(SYS_rt_sigprocmask, SIG_SETMASK, (long)&all, 0, sizeof(all));
     struct { uint64_t handler, flags, restorer, mask; } defaultAction = {0, 0, 0, 0};
@@ -182,8 +203,101 @@ long stasis_spawn_restore_stub(pid_t pid, int cgroupFD) {
         if (sig != SIGKILL && sig != SIGSTOP) rawSyscall4(SYS_rt_sigaction, sig, (long)&defaultAction, 0, 8);
     }
     rawSyscall4(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0);
-    rawSyscall4(SYS_close_range, 0, ~0U, 0, 0);
+    closeAllBut(keepFD);
     for (;;) rawSyscall4(SYS_pause, 0, 0, 0, 0);
+}
+
+long stasis_spawn_restore_stub(pid_t pid, int cgroupFD, int keepFD, int newNamespaces) {
+    pid_t tids[1] = {pid};
+    struct clone_args args;
+    memset(&args, 0, sizeof(args));
+    args.exit_signal = SIGCHLD;
+    if (newNamespaces) {
+        args.flags |= CLONE_NEWPID | CLONE_NEWNS;  // PID 1 of the new namespace
+    } else {
+        args.set_tid = (uint64_t)(uintptr_t)tids;
+        args.set_tid_size = 1;
+    }
+    if (cgroupFD >= 0) {
+        args.flags |= 0x200000000ULL; // CLONE_INTO_CGROUP
+        args.cgroup = (uint64_t)cgroupFD;
+    }
+    long child = rawSyscall4(SYS_clone3, (long)&args, sizeof(args), 0, 0);
+    if (child != 0) return child; // the parent: PID or -errno
+    // The child: only raw syscalls from here on.
+    if (newNamespaces && mountPrivateProc() < 0) rawSyscall4(SYS_exit_group, 126, 0, 0, 0);
+    becomeStub(keepFD);
+}
+
+long stasis_spawn_namespace_init(pid_t rootPID, int cgroupFD, int keepFD) {
+    struct clone_args args;
+    memset(&args, 0, sizeof(args));
+    args.exit_signal = SIGCHLD;
+    args.flags = CLONE_NEWPID | CLONE_NEWNS;
+    if (cgroupFD >= 0) {
+        args.flags |= 0x200000000ULL; // CLONE_INTO_CGROUP
+        args.cgroup = (uint64_t)cgroupFD;
+    }
+    long init = rawSyscall4(SYS_clone3, (long)&args, sizeof(args), 0, 0);
+    if (init != 0) return init;
+    // The namespace's init: raw syscalls only.
+    uint64_t all = ~0ULL;
+    rawSyscall4(SYS_rt_sigprocmask, SIG_SETMASK, (long)&all, 0, sizeof(all));
+    struct { uint64_t handler, flags, restorer, mask; } defaultAction = {0, 0, 0, 0};
+    for (long sig = 1; sig <= 64; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP) rawSyscall4(SYS_rt_sigaction, sig, (long)&defaultAction, 0, 8);
+    }
+    if (mountPrivateProc() < 0) rawSyscall4(SYS_exit_group, 126, 0, 0, 0);
+    closeAllBut(keepFD);
+    pid_t tids[1] = {rootPID};
+    struct clone_args rootArgs;
+    memset(&rootArgs, 0, sizeof(rootArgs));
+    rootArgs.exit_signal = SIGCHLD;
+    rootArgs.set_tid = (uint64_t)(uintptr_t)tids;
+    rootArgs.set_tid_size = 1;
+    long root = rawSyscall4(SYS_clone3, (long)&rootArgs, sizeof(rootArgs), 0, 0);
+    if (root == 0) becomeStub(keepFD);
+    if (root < 0) rawSyscall4(SYS_exit_group, 125, 0, 0, 0);
+    if (keepFD >= 0) rawSyscall4(SYS_close, keepFD, 0, 0, 0);
+    // Reap every orphan of the namespace; when the root ends, end as it did.
+    for (;;) {
+        int status = 0;
+        long reaped = rawSyscall4(SYS_wait4, -1, (long)&status, 0x40000000 /* __WALL */, 0);
+        if (reaped == root) {
+            int signal = status & 0x7f;
+            rawSyscall4(SYS_exit_group, signal == 0 ? (status >> 8) & 0xff : 128 + signal, 0, 0, 0);
+        }
+        if (reaped == -ECHILD) rawSyscall4(SYS_exit_group, 0, 0, 0, 0);
+    }
+}
+
+long stasis_kcmp_files(pid_t pid1, pid_t pid2, int fd1, int fd2) {
+    return negErrno(syscall(SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2));
+}
+
+long stasis_tee(int from, int to, size_t length, unsigned int flags) {
+    return negErrno(tee(from, to, length, flags));
+}
+
+long stasis_memfd_create(const char *name, unsigned int flags) {
+    return negErrno(syscall(SYS_memfd_create, name, flags));
+}
+
+long stasis_fcntl(int fd, int command, long argument) {
+    return negErrno(fcntl(fd, command, argument));
+}
+
+long stasis_pipe2(int fds[2], int flags) { return negErrno(pipe2(fds, flags)); }
+
+long stasis_mmap_shared_anonymous(uint64_t size, uint64_t *address) {
+    void *placed = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (placed == MAP_FAILED) return -errno;
+    *address = (uint64_t)(uintptr_t)placed;
+    return 0;
+}
+
+long stasis_munmap(uint64_t address, uint64_t size) {
+    return negErrno(munmap((void *)(uintptr_t)address, size));
 }
 
 // MARK: CRC-32C
@@ -255,25 +369,15 @@ int stasis_page_is_zero(const void *page) {
 
 // MARK: detached spawn
 
-static inline long rawSyscall6(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
-    long ret;
-    register long r10 __asm__("r10") = a4;
-    register long r8 __asm__("r8") = a5;
-    register long r9 __asm__("r9") = a6;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
 
 long stasis_spawn_detached(const char *path, char *const argv[], char *const envp[],
-                           int stdinFD, int stdoutFD, int stderrFD, int cgroupFD) {
+                           int stdinFD, int stdoutFD, int stderrFD, int cgroupFD, int newNamespaces) {
     int report[2];
     if (pipe2(report, O_CLOEXEC) != 0) return -errno;
     struct clone_args args;
     memset(&args, 0, sizeof(args));
     args.exit_signal = SIGCHLD;
+    if (newNamespaces) args.flags |= CLONE_NEWPID | CLONE_NEWNS;
     if (cgroupFD >= 0) {
         args.flags |= 0x200000000ULL; // CLONE_INTO_CGROUP
         args.cgroup = (uint64_t)cgroupFD;
@@ -282,6 +386,13 @@ long stasis_spawn_detached(const char *path, char *const argv[], char *const env
     if (child == 0) {
         // The child: raw syscalls only until execve.
         long failure;
+        if (newNamespaces) {
+            long mounted = mountPrivateProc();
+            if (mounted < 0) {
+                rawSyscall4(SYS_write, report[1], (long)&mounted, sizeof(mounted), 0);
+                rawSyscall4(SYS_exit_group, 127, 0, 0, 0);
+            }
+        }
         uint64_t none = 0;
         rawSyscall4(SYS_rt_sigprocmask, SIG_SETMASK, (long)&none, 0, sizeof(none));
         struct { uint64_t handler, flags, restorer, mask; } dfl = {0, 0, 0, 0};

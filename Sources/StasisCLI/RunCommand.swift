@@ -14,6 +14,8 @@ struct Run: ParsableCommand {
     var stderr: String?
     @Flag(help: "Do not put the command in a cgroup of its own.")
     var noCgroup = false
+    @Flag(name: .customLong("pidns"), help: "Start the command as PID 1 of its own PID namespace (with its own /proc); its snapshots restore into fresh namespaces.")
+    var pidNamespace = false
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
     var command: [String] = []
 
@@ -21,7 +23,7 @@ struct Run: ParsableCommand {
         let words = command.first == "--" ? Array(command.dropFirst()) : command
         do {
             let (pid, _) = try Launcher.launch(words, options: .init(
-                standardInput: stdin, standardOutput: stdout, standardError: stderr, useCgroup: !noCgroup))
+                standardInput: stdin, standardOutput: stdout, standardError: stderr, useCgroup: !noCgroup, pidNamespace: pidNamespace))
             print(pid)
         } catch { fail(error) }
     }

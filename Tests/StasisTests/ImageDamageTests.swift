@@ -69,6 +69,6 @@ struct ImageDamageTests {
         let path = scratch.file("named.stasis")
         FileManager.default.createFile(atPath: path, contents: Data(damaged))
         let result = try stasis("restore", path)
-        #expect(result.stderr.contains("record #0 (process) at byte 32"), "\(result.stderr)")
+        #expect(result.stderr.contains("record #0 (tree) at byte 32"), "\(result.stderr)")
     }
 }

@@ -109,16 +109,22 @@ final class Cleanup {
     }
 }
 
-/// Kills a process, waits until its PID is free (reaped by whoever is its parent), and removes
-/// the Stasis cgroup it was in.
+/// Kills a process and all its descendants (and whatever else is in its Stasis cgroup), waits
+/// until their PIDs are free (reaped by whoever is their parent), and removes the cgroup.
 func killAndForget(_ pid: pid_t) {
     guard pid > 1 else { return }
     let cgroup = StasisCgroup.of(pid: pid)
-    if kill(pid, SIGKILL) == 0 || errno != ESRCH {
-        var status: Int32 = 0
-        _ = waitpid(pid, &status, WNOHANG)
-        try? waitForPIDToBeFree(pid, timeoutSeconds: 10)
+    var members = treeOf(pid)
+    if let cgroup {
+        members += contents(cgroup.path + "/cgroup.procs").split(separator: "\n").compactMap { pid_t($0) }
     }
+    for member in Set(members) + [pid] where member > 1 {
+        if kill(member, SIGKILL) == 0 || errno != ESRCH {
+            var status: Int32 = 0
+            _ = waitpid(member, &status, WNOHANG)
+        }
+    }
+    for member in Set(members + [pid]) where member > 1 { try? waitForPIDToBeFree(member, timeoutSeconds: 10) }
     cgroup?.removeIfEmpty()
 }
 
@@ -146,6 +152,8 @@ struct Report: Decodable {
     var detail: String
     /// wl-sweep: the fewest full passes any thread has completed.
     var passes_min: Int?
+    /// wl-shared: each worker's parent-death signal.
+    var pdeathsig: [Int]?
 }
 
 final class VerifyingWorkload {

@@ -42,7 +42,9 @@ enum {
     STASIS_PTRACE_O_TRACESYSGOOD = 1,
     STASIS_PTRACE_O_TRACECLONE = 8,
     STASIS_PTRACE_O_EXITKILL = 0x100000,
+    STASIS_PTRACE_EVENT_FORK = 1,
     STASIS_PTRACE_EVENT_CLONE = 3,
+    STASIS_PTRACE_O_TRACEFORK = 2,
     STASIS_PTRACE_EVENT_STOP = 128,
     STASIS_PTRACE_PEEKSIGINFO_SHARED = 1,
     STASIS_NT_X86_XSTATE = 0x202,
@@ -135,10 +137,32 @@ long stasis_pagemap_scan(int pagemapFD, uint64_t start, uint64_t end,
 
 /// Creates, with clone3(set_tid), a child process with PID `pid` (in the caller's PID
 /// namespace) that immediately blocks every signal, resets every disposition to SIG_DFL, asks to be SIGKILLed when the calling
-/// thread dies, closes every file descriptor, and then waits in pause() for a tracer to seize
+/// thread dies, closes every file descriptor but `keepFD` (-1: none), and then waits in pause() for a tracer to seize
 /// it and rebuild it. Only raw syscalls run in the child. If `cgroupFD` >= 0 the child starts in
-/// that cgroup (CLONE_INTO_CGROUP). Returns the child's PID or -errno.
-long stasis_spawn_restore_stub(pid_t pid, int cgroupFD);
+/// that cgroup (CLONE_INTO_CGROUP). With `newNamespaces`, the child is instead PID 1 of new PID
+/// and mount namespaces (`pid` is not used), with its mounts private and a /proc of its own.
+/// Returns the child's PID (in the caller's namespace) or -errno.
+long stasis_spawn_restore_stub(pid_t pid, int cgroupFD, int keepFD, int newNamespaces);
+
+/// Creates new PID and mount namespaces whose init (a child of the caller, in `cgroupFD` if >= 0,
+/// with a private /proc) creates a restore stub (as above, keeping `keepFD`) with PID `rootPID`
+/// inside the namespace, then reaps every process of the namespace and exits as the stub's process
+/// does (its exit code, or 128 + its signal). Returns the init's PID in the caller's namespace or
+/// -errno; the stub is the init's only child.
+long stasis_spawn_namespace_init(pid_t rootPID, int cgroupFD, int keepFD);
+
+// MARK: process trees
+
+/// kcmp(KCMP_FILE): 0 when fd1 of pid1 and fd2 of pid2 are the same open file description.
+long stasis_kcmp_files(pid_t pid1, pid_t pid2, int fd1, int fd2);
+/// tee(2): copies up to `length` bytes buffered in pipe `from` into pipe `to` without consuming them.
+long stasis_tee(int from, int to, size_t length, unsigned int flags);
+long stasis_memfd_create(const char *name, unsigned int flags);
+long stasis_fcntl(int fd, int command, long argument);
+long stasis_pipe2(int fds[2], int flags);
+/// mmap(MAP_SHARED | MAP_ANONYMOUS) of `size` bytes in this process; the address in `*address`.
+long stasis_mmap_shared_anonymous(uint64_t size, uint64_t *address);
+long stasis_munmap(uint64_t address, uint64_t size);
 
 // MARK: cancellation
 
@@ -177,9 +201,11 @@ int stasis_page_is_zero(const void *page);
 /// Starts `path` with `argv`/`envp` as a new session leader (setsid), with stdin/stdout/stderr
 /// dup'ed from the three given fds, an empty signal mask and default dispositions, in the
 /// cgroup `cgroupFD` (if >= 0) from its first instruction (clone3 CLONE_INTO_CGROUP), and
-/// with no other fds. Returns the child's PID once execve succeeded, or -errno of the first
-/// step that failed (clone3 in the parent, or dup/setsid/execve in the child, reported back
+/// with no other fds. With `newNamespaces` it is PID 1 of new PID and mount namespaces, with
+/// its mounts private and a /proc of its own. Returns the child's PID (in the caller's
+/// namespace) once execve succeeded, or -errno of the first
+/// step that failed (clone3 in the parent, or mount/dup/setsid/execve in the child, reported back
 /// through a close-on-exec pipe). The child is not waited for.
 long stasis_spawn_detached(const char *path, char *const argv[], char *const envp[],
-                           int stdinFD, int stdoutFD, int stderrFD, int cgroupFD);
+                           int stdinFD, int stdoutFD, int stderrFD, int cgroupFD, int newNamespaces);
 #endif

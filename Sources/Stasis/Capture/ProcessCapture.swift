@@ -17,7 +17,7 @@ public struct CapturedState {
 
 /// Reads the state of a `FrozenProcess`: /proc, ptrace register sets, and a few system calls
 /// executed inside the process for what only the process itself can ask the kernel
-/// (signal dispositions, sigaltstack, clear_child_tid, the current brk).
+/// (signal dispositions, sigaltstack, clear_child_tid, the parent-death signal, the current brk).
 ///
 /// Guarantees: refuses, with `StasisError.unsupported` naming the PID and the object, anything
 /// it cannot restore faithfully; leaves no mapping, register or signal change behind in the
@@ -55,7 +55,7 @@ enum ProcessCapture {
                                     UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch memory")
         let memory = RemoteMemory(pid: pid)
         var actions: [SignalAction] = []
-        var threadExtras: [pid_t: (AlternateStack, UInt64)] = [:]
+        var threadExtras: [pid_t: (AlternateStack, UInt64, Int32)] = [:]
         var currentBrk: UInt64 = 0
         var others: [RemoteSyscaller] = []
         do {
@@ -70,9 +70,11 @@ enum ProcessCapture {
             func slot(_ index: Int) -> UInt64 { scratch + 64 + UInt64(64 * index) }
             let stackResults = try RemoteSyscaller.callInEach(callers, .sigaltstack) { [0, slot($0)] }
             let addressResults = try RemoteSyscaller.callInEach(callers, .prctl) { [40 /* PR_GET_TID_ADDRESS */, slot($0) + 32] }
+            let deathSignalResults = try RemoteSyscaller.callInEach(callers, .prctl) { [2 /* PR_GET_PDEATHSIG */, slot($0) + 40] }
             let slots = try memory.read(scratch + 64, count: 64 * callers.count)
             for (index, caller) in callers.enumerated() {
-                for (name, result) in [("read sigaltstack", stackResults[index]), ("PR_GET_TID_ADDRESS", addressResults[index])]
+                for (name, result) in [("read sigaltstack", stackResults[index]), ("PR_GET_TID_ADDRESS", addressResults[index]),
+                                       ("PR_GET_PDEATHSIG", deathSignalResults[index])]
                 where result < 0 && result > -4096 {
                     throw RemoteCallError(call: name, tid: caller.tid, detail: String(cString: strerror(Int32(-result))))
                 }
@@ -80,7 +82,7 @@ enum ProcessCapture {
                 threadExtras[caller.tid] = (AlternateStack(base: slots.readLE(UInt64.self, at: base),
                                                            flags: slots.readLE(Int32.self, at: base + 8),
                                                            size: slots.readLE(UInt64.self, at: base + 16)),
-                                            slots.readLE(UInt64.self, at: base + 32))
+                                            slots.readLE(UInt64.self, at: base + 32), slots.readLE(Int32.self, at: base + 40))
             }
             for caller in others { try caller.finish() }
         } catch {
@@ -93,8 +95,9 @@ enum ProcessCapture {
         try main.finish()
 
         var threads: [ThreadRecord] = []
+        let namespaceTIDs = TreeNamespace.namespaceTIDs(pid, threads: frozen.threads)
         for tid in frozen.threads {
-            let (alternateStack, clearTID) = threadExtras[tid]!
+            let (alternateStack, clearTID, deathSignal) = threadExtras[tid]!
             var robustHead: UInt64 = 0, robustLength: UInt64 = 0
             _ = try checked(stasis_get_robust_list(tid, &robustHead, &robustLength), "get_robust_list", "tid \(tid)")
             threads.append(ThreadRecord(
@@ -108,7 +111,9 @@ enum ProcessCapture {
                 rseq: try frozen.tracer.rseqConfiguration(tid),
                 robustListHead: robustHead,
                 robustListLength: robustLength,
-                clearChildTID: clearTID))
+                clearChildTID: clearTID,
+                namespaceTID: namespaceTIDs[tid],
+                parentDeathSignal: deathSignal))
         }
 
         let process = try captureProcessRecord(frozen, status: status, actions: actions, brk: currentBrk)

@@ -10,6 +10,7 @@ enum SyscallNumber: UInt64 {
     case gettid = 186, setTIDAddress = 218, restartSyscall = 219, exitGroup = 231
     case rtTgsigqueueinfo = 297, rtSigqueueinfo = 129, openat = 257, setRobustList = 273
     case dup3 = 292, prlimit64 = 302, rseq = 334, clone3 = 435, closeRange = 436
+    case fcntl = 72, setsid = 112, setpgid = 109, kill = 62, rtSigtimedwait = 128, pidfdGetfd = 438
 }
 
 /// A failure inside a remote system call: which call, in which thread, and the kernel's answer.
@@ -38,8 +39,9 @@ final class RemoteSyscaller {
     /// Address of a `syscall` instruction (0f 05) mapped executable in the target.
     var syscallInstruction: UInt64
     private let base: GeneralRegisters
-    /// Threads created by injected clone3 calls, in order (already stopped and attached).
-    private(set) var clonedThreads: [pid_t] = []
+    /// Threads and processes created by injected clone/clone3 calls, in order (attached through
+    /// PTRACE_O_TRACECLONE/TRACEFORK; each reports its own first stop).
+    private(set) var createdTasks: [pid_t] = []
 
     init(tracer: Tracer, tid: pid_t, syscallInstruction: UInt64) throws {
         self.tracer = tracer
@@ -64,9 +66,10 @@ final class RemoteSyscaller {
         try tracer.resumeToSyscall(tid)
         while true {
             let event = try tracer.waitForEvent(tid)
-            if case let .stopped(signal, eventCode) = event, signal == SIGTRAP, eventCode == Int32(STASIS_PTRACE_EVENT_CLONE) {
+            if case let .stopped(signal, eventCode) = event, signal == SIGTRAP,
+               eventCode == Int32(STASIS_PTRACE_EVENT_CLONE) || eventCode == Int32(STASIS_PTRACE_EVENT_FORK) {
                 let child = pid_t(truncatingIfNeeded: try tracer.eventMessage(tid))
-                clonedThreads.append(child)
+                createdTasks.append(child)
                 try tracer.resumeToSyscall(tid)
                 continue
             }

@@ -2,8 +2,10 @@ import Glibc
 
 /// Reads a process's file descriptor table from /proc/PID/fd and /proc/PID/fdinfo.
 ///
-/// Supported now: regular files (path, open flags, offset, O_APPEND, close-on-exec) and
-/// /dev/null. Anything else is refused with the PID, the fd number and what it is.
+/// Supported: regular files (path, open flags, offset, O_APPEND, close-on-exec), /dev/null, ends
+/// of pipes, FIFOs and memfds (whose contents `TreeCapture` reads). Every record carries the
+/// file's identity (device and inode), by which `TreeCapture` finds the fds that share one open
+/// file description. Anything else is refused with the PID, the fd number and what it is.
 enum FileTableCapture {
     static func capture(pid: pid_t) throws -> FileTable {
         var descriptors: [FileDescriptorRecord] = []
@@ -17,10 +19,19 @@ enum FileTableCapture {
             let rawFlags = Int32(info["flags"] ?? "0", radix: 8) ?? 0
             let offset = Int64(info["pos"] ?? "0") ?? 0
             let kind: FileKind
-            if !target.hasPrefix("/") {
+            if target.hasPrefix("pipe:[") && (st.st_mode & S_IFMT) == S_IFIFO {
+                kind = .pipe
+            } else if !target.hasPrefix("/") {
                 throw StasisError.unsupported(pid: pid, what: "fd \(fd) is \(describe(st, target)) (\(target))")
-            }
+            } else {
             switch st.st_mode & S_IFMT {
+            case S_IFREG where target.hasPrefix("/memfd:") && target.hasSuffix(" (deleted)"):
+                kind = .memfd
+            case S_IFIFO:
+                if target.hasSuffix(" (deleted)") {
+                    throw StasisError.unsupported(pid: pid, what: "fd \(fd) is a FIFO that was deleted (\(target))")
+                }
+                kind = .fifo
             case S_IFREG:
                 if target.hasSuffix(" (deleted)") {
                     throw StasisError.unsupported(pid: pid, what: "fd \(fd) is an open file that was deleted (\(target))")
@@ -31,12 +42,13 @@ enum FileTableCapture {
             default:
                 throw StasisError.unsupported(pid: pid, what: "fd \(fd) is \(describe(st, target)) (\(target))")
             }
+            }
             descriptors.append(FileDescriptorRecord(
                 fd: fd, kind: kind, path: target, flags: rawFlags & ~O_CLOEXEC, closeOnExec: rawFlags & O_CLOEXEC != 0,
                 offset: offset,
-                identity: kind == .regular ? FileIdentity(
+                identity: FileIdentity(
                     device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
-                    modifiedNanoseconds: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec)) : nil))
+                    modifiedNanoseconds: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))))
         }
         return FileTable(descriptors: descriptors)
     }

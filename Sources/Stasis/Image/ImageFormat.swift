@@ -2,10 +2,13 @@
 public enum ImageFormat {
     /// The 8 bytes every image starts with.
     public static let magic: [UInt8] = Array("STASISIM".utf8)
-    /// Incompatible changes bump the major version; readers refuse other majors.
-    public static let majorVersion: UInt16 = 1
+    /// Incompatible changes bump the major version; readers refuse majors they were not built for.
+    /// 2: process trees (tree, object-data and process-pages records).
+    public static let majorVersion: UInt16 = 2
     /// Compatible additions bump the minor version.
     public static let minorVersion: UInt16 = 0
+    /// The majors this build reads: 1 (one process, no tree record) and 2.
+    public static let readableMajorVersions: ClosedRange<UInt16> = 1...2
     public static let headerSize = 32
     public static let frameSize = 24
     public static let pageSize = 4096
@@ -21,6 +24,9 @@ public enum RecordKind: UInt32, Sendable, CustomStringConvertible {
     case thread = 2
     case mappings = 3
     case files = 4
+    case tree = 5
+    case objectData = 6
+    case processPages = 7
     case pages = 16
     case end = 255
 
@@ -30,6 +36,9 @@ public enum RecordKind: UInt32, Sendable, CustomStringConvertible {
         case .thread: "thread"
         case .mappings: "mappings"
         case .files: "files"
+        case .tree: "tree"
+        case .objectData: "object data"
+        case .processPages: "process pages"
         case .pages: "pages"
         case .end: "end"
         }
@@ -63,7 +72,7 @@ public struct ImageError: Error, CustomStringConvertible, Sendable {
         switch problem {
         case .notAnImage: return "not a Stasis image: bad magic in the header"
         case let .unsupportedVersion(major, minor):
-            return "image format \(major).\(minor) is not supported (this build reads \(ImageFormat.majorVersion).x)"
+            return "image format \(major).\(minor) is not supported (this build reads \(ImageFormat.readableMajorVersions.map { "\($0).x" }.joined(separator: " and ")))"
         case .truncated: return "image truncated: \(place) is cut short"
         case let .checksumMismatch(part): return "image corrupt: \(place): \(part) checksum mismatch"
         case let .malformed(reason): return "image corrupt: \(place): \(reason)"

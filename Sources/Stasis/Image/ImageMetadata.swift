@@ -6,14 +6,17 @@ public struct ImageMetadata: Sendable {
     public var files: FileTable
 
     /// Reads records from `reader` up to and including the file table, which is the last
-    /// record before page blocks. Throws an `ImageError` naming the record that is missing,
-    /// out of order or inconsistent.
-    public static func read(from reader: ImageReader) throws -> ImageMetadata {
+    /// record of a process section (`first`, if given, is its first record, already read).
+    /// Throws an `ImageError` naming the record that is missing, out of order or inconsistent.
+    public static func read(from reader: ImageReader, first: ImageItem? = nil) throws -> ImageMetadata {
         var process: ProcessRecord?
         var threads: [ThreadRecord] = []
         var mappings: [MappingRecord]?
+        var pending = first
         while true {
-            guard let item = try reader.next() else {
+            let next = pending
+            pending = nil
+            guard let item = try next ?? reader.next() else {
                 throw ImageError(problem: .malformed("the image ends before its file table"), recordIndex: reader.recordIndex,
                                  kind: nil, offset: reader.offset)
             }
@@ -46,7 +49,7 @@ public struct ImageMetadata: Sendable {
                     throw reader.malformed("mappings overlap at 0x\(String(overlap, radix: 16))", kind: .mappings)
                 }
                 return metadata
-            case .pages, .end:
+            case .pages, .end, .tree, .objectData, .processPages:
                 throw reader.malformed("\(kind) record before the file table", kind: kind)
             }
         }
@@ -66,5 +69,51 @@ public struct ImageMetadata: Sendable {
     func mappingIndex(containing run: PageRun) -> Int? {
         let end = run.address + run.pages * 4096
         return mappings.firstIndex { ($0.backing == .anonymous || $0.backing == .privateFile) && $0.start <= run.address && end <= $0.end }
+    }
+}
+
+/// The metadata of a whole image: the tree and every process section, everything that precedes
+/// the shared objects' contents and the page blocks.
+public struct TreeMetadata: Sendable {
+    public var tree: TreeRecord
+    /// One per live member of the tree, in the tree's order.
+    public var processes: [ImageMetadata]
+
+    /// Reads a tree image's metadata, or a single-process image of format 1.0 (no tree record),
+    /// for which it makes a tree of one member.
+    public static func read(from reader: ImageReader) throws -> TreeMetadata {
+        guard let first = try reader.next() else {
+            throw ImageError(problem: .malformed("the image holds no records"), recordIndex: reader.recordIndex, kind: nil, offset: reader.offset)
+        }
+        guard case let .record(kind, payload) = first, kind == .tree else {
+            let single = try ImageMetadata.read(from: reader, first: first)
+            let record = single.process
+            let member = TreeMember(pid: record.pid, parent: 0, processGroup: 0, session: 0, namespacePID: nil, zombie: nil)
+            let tree = TreeRecord(root: record.pid, pidNamespace: false, members: [member], pipes: [], sharedMemory: [], descriptions: [])
+            return TreeMetadata(tree: tree, processes: [single])
+        }
+        let tree = try reader.decode(TreeRecord.self, payload, kind: kind)
+        let live = tree.liveMembers
+        guard let root = tree.members.first, root.pid == tree.root, root.zombie == nil, !live.isEmpty else {
+            throw reader.malformed("the tree record's first member is not its live root \(tree.root)", kind: kind)
+        }
+        guard Set(tree.members.map(\.pid)).count == tree.members.count else {
+            throw reader.malformed("two tree members with the same PID", kind: kind)
+        }
+        if tree.pidNamespace, tree.members.contains(where: { $0.namespacePID == nil }) || root.namespacePID != 1 {
+            throw reader.malformed("a PID namespace tree whose members lack namespace PIDs or whose root is not PID 1", kind: kind)
+        }
+        var processes: [ImageMetadata] = []
+        for member in live {
+            let section = try ImageMetadata.read(from: reader)
+            guard section.process.pid == member.pid else {
+                throw reader.malformed("process section for PID \(section.process.pid) where the tree lists \(member.pid)", kind: .process)
+            }
+            if tree.pidNamespace, section.threads.contains(where: { $0.namespaceTID == nil }) {
+                throw reader.malformed("a thread of PID \(member.pid) lacks its namespace TID", kind: .thread)
+            }
+            processes.append(section)
+        }
+        return TreeMetadata(tree: tree, processes: processes)
     }
 }

@@ -58,7 +58,7 @@ public final class ImageReader {
         if header.readLE(UInt32.self, at: 28) != crc32c(Array(header[0..<28])) {
             throw ImageError(problem: .checksumMismatch(part: "header"), recordIndex: nil, kind: nil, offset: 0)
         }
-        if majorVersion != ImageFormat.majorVersion {
+        if !ImageFormat.readableMajorVersions.contains(majorVersion) {
             throw ImageError(problem: .unsupportedVersion(major: majorVersion, minor: minorVersion),
                              recordIndex: nil, kind: nil, offset: 0)
         }

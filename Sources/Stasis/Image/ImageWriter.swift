@@ -45,6 +45,12 @@ public final class ImageWriter {
         if staging.count >= 65536 { try flush() }
     }
 
+    /// Appends one record whose payload is binary (object data).
+    public func writeBinaryRecord(_ kind: RecordKind, _ payload: [UInt8]) throws {
+        appendFrame(kind, payload)
+        if staging.count >= 65536 { try flush() }
+    }
+
     private func appendFrame(_ kind: RecordKind, _ payload: [UInt8]) {
         var frame: [UInt8] = []
         frame.reserveCapacity(ImageFormat.frameSize)

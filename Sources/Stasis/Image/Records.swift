@@ -92,6 +92,10 @@ public struct ThreadRecord: Codable, Sendable {
     public var robustListLength: UInt64
     /// The address the kernel clears and futex-wakes when the thread exits (set_tid_address).
     public var clearChildTID: UInt64
+    /// The TID inside the tree's own PID namespace, when the image is of one.
+    public var namespaceTID: Int32?
+    /// PR_SET_PDEATHSIG: the signal the thread gets when its parent dies (0: none).
+    public var parentDeathSignal: Int32?
 }
 
 /// A thread's sigaltstack(2) state.
@@ -114,6 +118,10 @@ public enum MappingBacking: String, Codable, Sendable {
     case sharedFile
     /// The kernel's [vdso] and [vvar*] pages: moved into place, never stored.
     case vdso, vvar, vvarClock
+    /// A shared memory object (MAP_SHARED|MAP_ANONYMOUS or a memfd), possibly mapped by several
+    /// processes of a tree: recreated once, its contents from the image's object data, and
+    /// mapped by each process that had it.
+    case sharedMemory
 }
 
 public struct MappingRecord: Codable, Sendable, Equatable {
@@ -131,6 +139,8 @@ public struct MappingRecord: Codable, Sendable, Equatable {
     /// freeze. The image stores these pages except those found to hold only zero bytes, so
     /// the stored count can be lower (`stasis inspect` reports the bytes actually stored).
     public var residentPages: UInt64
+    /// The `SharedMemoryRecord` behind a `sharedMemory` mapping.
+    public var sharedMemory: UInt64?
 
     public var size: UInt64 { end - start }
 }
@@ -143,6 +153,12 @@ public struct MappingTable: Codable, Sendable {
 public enum FileKind: String, Codable, Sendable {
     case regular
     case devNull
+    /// An end of a pipe(2); which end follows from the flags (O_WRONLY: the write end).
+    case pipe
+    /// A FIFO opened by path.
+    case fifo
+    /// A memfd held open.
+    case memfd
 }
 
 public struct FileDescriptorRecord: Codable, Sendable, Equatable {
@@ -154,6 +170,9 @@ public struct FileDescriptorRecord: Codable, Sendable, Equatable {
     public var closeOnExec: Bool
     public var offset: Int64
     public var identity: FileIdentity?
+    /// The `OpenFileDescription` (tree record) this fd refers to; fds with the same one share
+    /// their offset and flags. Absent in single-process images of format 1.0.
+    public var description: Int?
 }
 
 public struct FileTable: Codable, Sendable {

@@ -36,8 +36,10 @@ public struct GeneralRegisters: Codable, Sendable, Equatable {
     /// (-ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND) is re-issued by stepping back over the
     /// 2-byte `syscall` instruction; a call that needs the kernel's per-thread restart block
     /// (-ERESTART_RESTARTBLOCK: nanosleep, clock_nanosleep, poll with timeout) is re-issued as
-    /// restart_syscall when `keepRestartBlock` (the same kernel thread resumes), or returns
-    /// -EINTR otherwise (a restored thread has no restart block), exactly as for a signal.
+    /// restart_syscall when `keepRestartBlock` (the same kernel thread resumes). Otherwise (a
+    /// restored thread has no restart block) a relative nanosleep/clock_nanosleep that passed a
+    /// `rem` pointer is re-issued for the time left at the freeze, which the kernel stored there;
+    /// any other such call returns -EINTR, exactly as after a signal.
     /// `orig_rax` is cleared so that no further fix-up is applied, wherever the thread resumes.
     public func normalizedForResume(keepRestartBlock: Bool) -> GeneralRegisters {
         var regs = self
@@ -49,6 +51,18 @@ public struct GeneralRegisters: Codable, Sendable, Equatable {
         case -516:  // ERESTART_RESTARTBLOCK
             if keepRestartBlock {
                 regs.rax = 219  // __NR_restart_syscall
+                regs.rip &-= 2
+            } else if orig_rax == 35 && rsi != 0 {
+                // nanosleep(req, rem): the kernel wrote the time left into *rem before the
+                // stop; sleep for that: nanosleep(rem, rem).
+                regs.rax = orig_rax
+                regs.rdi = rsi
+                regs.rip &-= 2
+            } else if orig_rax == 230 && r10 != 0 {
+                // clock_nanosleep(clock, flags, req, rem), relative (an absolute one restarts
+                // with -ERESTARTNOHAND): likewise clock_nanosleep(clock, flags, rem, rem).
+                regs.rax = orig_rax
+                regs.rdx = r10
                 regs.rip &-= 2
             } else {
                 regs.rax = UInt64(bitPattern: -4)  // -EINTR

@@ -2,7 +2,8 @@ import CStasis
 import Glibc
 
 /// Starts workloads the way `stasis run` does: detached, in a cgroup of its own, as the leader
-/// of a new session, with stdio on /dev/null unless files are named.
+/// of a new session (with `pidNamespace`, as PID 1 of new PID and mount namespaces), with stdio
+/// on /dev/null unless files are named.
 ///
 /// Guarantees: when `launch` returns, the program has been exec'd (a missing or non-executable
 /// program is an error, not a PID), it runs in its cgroup from its first instruction, and it
@@ -13,12 +14,17 @@ public enum Launcher {
         public var standardOutput: String?
         public var standardError: String?
         public var useCgroup = true
+        /// Start the command as PID 1 of new PID and mount namespaces (with a /proc of its own),
+        /// so that its whole tree can be restored into fresh namespaces, several times at once.
+        public var pidNamespace = false
 
-        public init(standardInput: String? = nil, standardOutput: String? = nil, standardError: String? = nil, useCgroup: Bool = true) {
+        public init(standardInput: String? = nil, standardOutput: String? = nil, standardError: String? = nil,
+                    useCgroup: Bool = true, pidNamespace: Bool = false) {
             self.standardInput = standardInput
             self.standardOutput = standardOutput
             self.standardError = standardError
             self.useCgroup = useCgroup
+            self.pidNamespace = pidNamespace
         }
     }
 
@@ -38,7 +44,8 @@ public enum Launcher {
         let environment = currentEnvironment()
         let result = withCStrings(command) { argv in
             withCStrings(environment) { envp in
-                stasis_spawn_detached(path, argv, envp, input.rawValue, output.rawValue, error.rawValue, cgroupHandle?.rawValue ?? -1)
+                stasis_spawn_detached(path, argv, envp, input.rawValue, output.rawValue, error.rawValue, cgroupHandle?.rawValue ?? -1,
+                                      options.pidNamespace ? 1 : 0)
             }
         }
         guard result > 0 else {

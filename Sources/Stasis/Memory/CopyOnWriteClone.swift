@@ -35,6 +35,8 @@ final class CopyOnWriteClone {
     private var syscaller: RemoteSyscaller?
     private var pagemap: FileHandle?
     private var destroyed = false
+    /// The clone's PID as its parent sees it (for the wait4 that reaps it there).
+    private var localPID: pid_t = 0
     /// Pages the process wrote after the clone that the clone therefore had to keep (counted
     /// as each range is given back).
     private(set) var preservedPages: UInt64 = 0
@@ -74,8 +76,13 @@ final class CopyOnWriteClone {
         if result < 0 {
             throw Unavailable(pid: frozen.pid, reason: String(cString: strerror(Int32(-result))))
         }
-        let child = pid_t(result)
+        // The clone's PID as Stasis sees it (the event message) may differ from the one the
+        // process sees (the result), inside a PID namespace.
+        guard let child = caller.createdTasks.last else {
+            throw Unavailable(pid: frozen.pid, reason: "the kernel reported no new task for clone \(result)")
+        }
         let clone = CopyOnWriteClone(pid: child, parent: frozen.pid, tracer: frozen.tracer, syscallInstruction: syscallInstruction)
+        clone.localPID = pid_t(result)
         do {
             // The auto-attached child reports a PTRACE_EVENT_STOP before it runs anything.
             while true {
@@ -172,7 +179,7 @@ final class CopyOnWriteClone {
         guard let held = try? FrozenProcess.freeze(pid: parent, tracer: tracer, onlyOneThread: true),
               let tid = held.threads.first else { return 0 }
         if let caller = try? RemoteSyscaller(tracer: tracer, tid: tid, syscallInstruction: instruction) {
-            _ = try? caller.callRaw(.wait4, [UInt64(pid), 0, Self.waitAll, 0])
+            _ = try? caller.callRaw(.wait4, [UInt64(localPID), 0, Self.waitAll, 0])
             try? caller.finish()
         }
         try? held.release()

@@ -18,9 +18,15 @@ enum MappingClassifier {
             case "[vvar]": backing = .vvar
             case "[vvar_vclock]": backing = .vvarClock
             default:
-                if entry.shared && (entry.inode == 0 || entry.name.hasPrefix("/dev/zero") || entry.name.hasPrefix("/SYSV")
-                                    || entry.name.hasPrefix("/memfd:") || entry.name.hasPrefix("/dev/shm/")) {
-                    throw StasisError.unsupported(pid: pid, what: "shared anonymous memory at \(range) (\(entry.name.isEmpty ? "MAP_SHARED|MAP_ANONYMOUS" : entry.name))")
+                if entry.name.hasPrefix("/SYSV") {
+                    throw StasisError.unsupported(pid: pid, what: "System V shared memory at \(range) (\(entry.name))")
+                }
+                if entry.shared && (entry.name.hasPrefix("/dev/zero") || entry.name.hasPrefix("/memfd:")) {
+                    records.append(try sharedMemory(entry, pid: pid, range: range))
+                    continue
+                }
+                if entry.shared && entry.inode == 0 {
+                    throw StasisError.unsupported(pid: pid, what: "shared anonymous memory at \(range) with no object behind it")
                 }
                 if entry.name.hasSuffix(" (deleted)") {
                     throw StasisError.unsupported(pid: pid, what: "mapping \(range) of deleted file \(entry.name)")
@@ -48,8 +54,8 @@ enum MappingClassifier {
                     if entry.shared && st.st_nlink == 0 {
                         throw StasisError.unsupported(pid: pid, what: "shared mapping \(range) of an unlinked file (memfd or shm) \(entry.name)")
                     }
-                    if entry.name.hasPrefix("/dev/shm/") || entry.name.hasPrefix("/memfd:") || entry.name.hasPrefix("/SYSV") {
-                        throw StasisError.unsupported(pid: pid, what: "shared memory mapping \(range) of \(entry.name)")
+                    if !entry.shared && entry.name.hasPrefix("/memfd:") {
+                        throw StasisError.unsupported(pid: pid, what: "private mapping \(range) of \(entry.name)")
                     }
                     identity = FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
                                             modifiedNanoseconds: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
@@ -62,5 +68,20 @@ enum MappingClassifier {
                 fileIdentity: identity, flags: entry.vmFlags.filter { keptFlags.contains($0) }, residentPages: 0))
         }
         return records
+    }
+
+    /// A MAP_SHARED mapping of a shared memory object (anonymous shared memory or a memfd):
+    /// identified by its inode, which every process mapping the same object shares.
+    private static func sharedMemory(_ entry: ProcFS.MapEntry, pid: pid_t, range: String) throws -> MappingRecord {
+        let mapFile = "/proc/\(pid)/map_files/\(String(entry.start, radix: 16))-\(String(entry.end, radix: 16))"
+        let st: stat
+        do { st = try statPath(mapFile) } catch {
+            throw StasisError.unsupported(pid: pid, what: "shared memory at \(range) (\(entry.name)): \(error)")
+        }
+        return MappingRecord(
+            start: entry.start, end: entry.end, readable: entry.readable, writable: entry.writable,
+            executable: entry.executable, backing: .sharedMemory, name: entry.name, fileOffset: entry.offset,
+            fileIdentity: nil, flags: entry.vmFlags.filter { keptFlags.contains($0) }, residentPages: 0,
+            sharedMemory: UInt64(st.st_ino))
     }
 }

@@ -15,11 +15,14 @@ final class AddressSpaceBuilder {
     private let memory: RemoteMemory
     static let scratchSize: UInt64 = 64 * 1024
 
-    init(process: RestoredProcess, metadata: ImageMetadata) throws {
+    private let objects: SharedObjects
+
+    init(process: RestoredProcess, metadata: ImageMetadata, objects: SharedObjects) throws {
         self.process = process
         self.metadata = metadata
+        self.objects = objects
         self.memory = RemoteMemory(pid: process.pid)
-        let stubMaps = try ProcFS.mappings(process.pid)
+        let stubMaps = try ProcFS.mapEntries(process.pid)
         guard let vdso = stubMaps.first(where: { $0.name == "[vdso]" }),
               let instruction = try findSyscallInstruction(pid: process.pid, in: vdso)
         else {
@@ -46,13 +49,8 @@ final class AddressSpaceBuilder {
         let specialNames: [MappingBacking: String] = [.vdso: "[vdso]", .vvar: "[vvar]", .vvarClock: "[vvar_vclock]"]
         let stubSpecials = stubLayout.filter { $0.name == "[vdso]" || $0.name.hasPrefix("[vvar") }
         let imageSpecials = metadata.mappings.filter { specialNames[$0.backing] != nil }
-        // Everything but the vDSO pages goes: the stub's code, stack and heap are stasis' own.
-        let keepLow = stubSpecials.map(\.start).min() ?? 0x7fff_ffff_f000
-        let keepHigh = stubSpecials.map(\.end).max() ?? 0x7fff_ffff_f000
-        try caller.call(.munmap, 0, keepLow, what: "clear the stub below the vDSO")
-        if keepHigh < 0x7fff_ffff_f000 {
-            try caller.call(.munmap, keepHigh, 0x7fff_ffff_f000 - keepHigh, what: "clear the stub above the vDSO")
-        }
+        // Everything but the vDSO pages goes (the stub's scratch page, a parent's mappings).
+        try Self.unmapAllButVDSO(stubLayout, caller: caller)
         // Move each vDSO piece to where the image had it, through a free spot so that old and
         // new places may overlap.
         for special in stubSpecials {
@@ -109,6 +107,19 @@ final class AddressSpaceBuilder {
             case .anonymous:
                 flags |= UInt64(MAP_PRIVATE | MAP_ANONYMOUS)
                 if mapping.flags.contains("gd") { flags |= UInt64(MAP_GROWSDOWN) }
+            case .sharedMemory:
+                guard let object = mapping.sharedMemory.flatMap({ objects.sharedMemory[$0] }) else {
+                    throw StasisError.restoreFailed(pid: process.localPID, step: "mapping shared memory at 0x\(String(mapping.start, radix: 16))",
+                                                    reason: "the image has no shared memory object \(mapping.sharedMemory ?? 0)")
+                }
+                let pulled = try objects.pull(object, into: caller, what: "shared memory \(mapping.name)")
+                defer { _ = try? caller.call(.close, pulled) }
+                let placed = try caller.call(.mmap, mapping.start, length, protection(of: mapping), UInt64(MAP_SHARED | MAP_FIXED), pulled,
+                                             mapping.fileOffset, what: "map shared memory at 0x\(String(mapping.start, radix: 16))")
+                guard placed == mapping.start else {
+                    throw StasisError.restoreFailed(pid: process.localPID, step: "mapping 0x\(String(mapping.start, radix: 16))", reason: "the kernel placed it at 0x\(String(placed, radix: 16))")
+                }
+                continue
             case .privateFile, .sharedFile:
                 let shared = mapping.backing == .sharedFile
                 let key = (shared && mapping.writable ? "rw:" : "ro:") + mapping.name
@@ -133,6 +144,21 @@ final class AddressSpaceBuilder {
             }
             if mapping.flags.contains("hg") { try caller.call(.madvise, mapping.start, length, UInt64(MADV_HUGEPAGE)) }
             if mapping.flags.contains("nh") { try caller.call(.madvise, mapping.start, length, UInt64(MADV_NOHUGEPAGE)) }
+        }
+    }
+
+    /// Unmaps everything in a stub but its [vdso]/[vvar]/[vvar_vclock] pieces, from address 0
+    /// to the top of user space.
+    static func unmapAllButVDSO(_ maps: [ProcFS.MapEntry], caller: RemoteSyscaller) throws {
+        let specials = maps.filter { $0.name == "[vdso]" || $0.name.hasPrefix("[vvar") }.sorted { $0.start < $1.start }
+        var cursor: UInt64 = 0
+        let top: UInt64 = 0x7fff_ffff_f000
+        for special in specials + [ProcFS.MapEntry(start: top, end: top, readable: false, writable: false, executable: false,
+                                                   shared: false, offset: 0, deviceMajor: 0, deviceMinor: 0, inode: 0, name: "")] {
+            if special.start > cursor {
+                try caller.call(.munmap, cursor, special.start - cursor, what: "clear the stub at 0x\(String(cursor, radix: 16))")
+            }
+            cursor = max(cursor, special.end)
         }
     }
 

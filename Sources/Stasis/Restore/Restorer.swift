@@ -8,59 +8,75 @@ public struct RestoreStats: Codable, Sendable {
     /// Time spent reading and writing page data, ms.
     public var pages_ms: Double
     public var pages: UInt64
+    /// Threads of all processes.
     public var threads: Int
+    /// The root's PID as the caller sees it.
     public var pid: Int32
+    /// Processes restored (zombies included).
+    public var processes: Int?
 }
 
 /// What `restore` produced.
 public struct RestoredWorkload: Sendable {
+    /// The root process's PID, as the caller (Stasis's PID namespace) sees it.
     public var pid: pid_t
+    /// Stasis's own child, to wait for: the root, or the init of the PID namespace it was
+    /// restored into (which exits as the root does).
+    public var waitPID: pid_t
     public var stats: RestoreStats
-    /// The cgroup the process was placed in, if one was made.
+    /// The cgroup the processes were placed in, if one was made.
     public var cgroup: StasisCgroup?
 }
 
-/// Recreates a process from an image: same PID and TIDs, same memory at the same addresses,
-/// same files, signal state and registers, resuming at the instruction where it was frozen.
+/// Where a restored tree's processes get their PIDs.
+public enum RestoreNamespace: Sendable {
+    /// A new PID namespace for images of one (`stasis run --pidns`), Stasis's own otherwise.
+    case asImaged
+    /// Always a new PID (and mount) namespace, with the image's PIDs inside it (`--pidns`).
+    case new
+}
+
+/// Recreates a process tree from an image: same PIDs and TIDs (in Stasis's PID namespace, or
+/// inside a new one), same parents, sessions and process groups, zombies, memory at the same
+/// addresses, the open files, pipes and shared memory they shared, signal state and registers,
+/// every process resuming at the instruction where it was frozen.
 ///
-/// Guarantees: before anything is created, the image's metadata is read and checked, the
-/// PIDs/TIDs are checked free and every mapped file is checked to be the same file as at
-/// snapshot time. If anything fails after the process was created, it is killed and reaped and
-/// its cgroup removed: no process is left behind, half-built or otherwise.
+/// Guarantees: before anything is created, all the image's metadata is read and checked, the
+/// PIDs/TIDs are checked free (outside a new namespace) and every mapped file is checked to be
+/// the same file as at snapshot time. If anything fails after a process was created, every
+/// process made is killed and its cgroup removed: nothing is left behind, half-built or otherwise.
 public enum Restorer {
-    public static func restore(from source: FileHandle, tracerThread: TracerThread, useCgroup: Bool = true) throws -> RestoredWorkload {
+    public static func restore(from source: FileHandle, tracerThread: TracerThread, useCgroup: Bool = true,
+                               namespace: RestoreNamespace = .asImaged) throws -> RestoredWorkload {
         let start = monotonicNanoseconds()
         let reader = try ImageReader(source: source)
-        let metadata = try ImageMetadata.read(from: reader)
-        let pid = metadata.process.pid
-        // `stasis snapshot --kill -o - | stasis restore -`: the original is still alive while
-        // its image streams in, and dies only once the stream is complete. Keep the pages in
-        // an unnamed temporary file until then, and restore from it.
-        var pages: ImageReader = reader
+        let metadata = try TreeMetadata.read(from: reader)
+        let root = metadata.processes[0].process
+        let newNamespace = namespace == .new || metadata.tree.pidNamespace
+        // `stasis snapshot --kill -o - | stasis restore -`: the originals are still alive while
+        // their image streams in, and die only once the stream is complete. Keep the rest of
+        // the stream in an unnamed temporary file until then, and restore from it.
+        var rest: ImageReader = reader
         var spool: FileHandle?
-        if source.isPipe, originalIsRunning(metadata.process) {
-            (pages, spool) = try spoolPages(from: reader)
-            try waitForPIDToBeFree(pid, timeoutSeconds: 10, what: "the original process \(pid), whose image is being restored,")
+        if source.isPipe, !newNamespace, originalIsRunning(root) {
+            (rest, spool) = try spoolRest(of: reader)
+            for member in metadata.tree.members {
+                try waitForPIDToBeFree(member.pid, timeoutSeconds: 10, what: "the original process \(member.pid), whose image is being restored,")
+            }
         }
         _ = spool
-        try preflight(metadata)
-        let cgroup = useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "\(pid)") : nil
+        try preflight(metadata, newNamespace: newNamespace)
+        let cgroup = useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "\(root.pid)") : nil
         do {
             let cgroupHandle = try cgroup?.open()
             let result = try tracerThread.perform { tracer in
-                let process = try RestoredProcess.spawn(pid: pid, cgroupFD: cgroupHandle?.rawValue ?? -1, tracer: tracer)
-                do {
-                    let pagesMilliseconds = try rebuild(process, metadata: metadata, reader: pages)
-                    try process.detachAll()
-                    return (pagesMilliseconds, pages.trailer?.pages ?? 0)
-                } catch {
-                    process.abandon()
-                    throw error
-                }
+                try TreeBuilder(metadata: metadata, tracer: tracer, newNamespace: newNamespace,
+                                cgroupFD: cgroupHandle?.rawValue ?? -1).build(pages: rest)
             }
-            let stats = RestoreStats(restore_ms: milliseconds(monotonicNanoseconds() - start), pages_ms: result.0,
-                                     pages: result.1, threads: metadata.threads.count, pid: pid)
-            return RestoredWorkload(pid: pid, stats: stats, cgroup: cgroup)
+            let stats = RestoreStats(restore_ms: milliseconds(monotonicNanoseconds() - start), pages_ms: result.pagesMilliseconds,
+                                     pages: rest.trailer?.pages ?? 0, threads: metadata.processes.reduce(0) { $0 + $1.threads.count },
+                                     pid: result.rootPID, processes: metadata.tree.members.count)
+            return RestoredWorkload(pid: result.rootPID, waitPID: result.topPID, stats: stats, cgroup: cgroup)
         } catch {
             cgroup?.removeIfEmpty()
             throw error
@@ -75,9 +91,9 @@ public enum Restorer {
         return now == startTime
     }
 
-    /// Copies the remaining page blocks of `reader` into an unnamed temporary file and returns
-    /// a reader positioned at its first page block.
-    static func spoolPages(from reader: ImageReader) throws -> (ImageReader, FileHandle) {
+    /// Copies the rest of `reader` (object data and page blocks) into an unnamed temporary file
+    /// and returns a reader positioned after that file's header.
+    static func spoolRest(of reader: ImageReader) throws -> (ImageReader, FileHandle) {
         let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/var/tmp"
         let spool = try FileHandle.open(directory, O_RDWR | 0o20200000 /* O_TMPFILE */, permissions: 0o600)
         let writer = try ImageWriter(sink: spool)
@@ -85,6 +101,8 @@ public enum Restorer {
             switch item {
             case let .pages(runs, data): try writer.writePageBlock(runs: runs, data: data.baseAddress!)
             case let .record(kind, _) where kind == .end: break
+            case let .record(kind, payload) where kind == .objectData: try writer.writeBinaryRecord(kind, payload)
+            case let .record(kind, payload) where kind == .processPages: try writer.writeBinaryRecord(kind, payload)
             case let .record(kind, _): throw reader.malformed("unexpected \(kind) record among page blocks", kind: kind)
             }
         }
@@ -103,10 +121,17 @@ public enum Restorer {
     }
 
     /// Checks, before creating anything, that the restore can succeed as far as can be known.
-    static func preflight(_ metadata: ImageMetadata) throws {
-        for tid in [metadata.process.pid] + metadata.threads.map(\.tid) where pathExists("/proc/\(tid)") && !vanishesSoon(tid) {
-            throw StasisError.pidTaken(pid: tid, by: describeProcess(tid))
+    static func preflight(_ tree: TreeMetadata, newNamespace: Bool) throws {
+        if !newNamespace {
+            let ids = tree.tree.members.map(\.pid) + tree.processes.flatMap { $0.threads.map(\.tid) }
+            for tid in Set(ids).sorted() where pathExists("/proc/\(tid)") && !vanishesSoon(tid) {
+                throw StasisError.pidTaken(pid: tid, by: describeProcess(tid))
+            }
         }
+        for process in tree.processes { try preflight(process) }
+    }
+
+    static func preflight(_ metadata: ImageMetadata) throws {
         var checked = Set<String>()
         for mapping in metadata.mappings {
             guard let identity = mapping.fileIdentity, checked.insert(mapping.name).inserted else { continue }
@@ -131,50 +156,6 @@ public enum Restorer {
         if now.size != identity.size || now.modifiedNanoseconds != identity.modifiedNanoseconds {
             throw StasisError.fileChanged(path: path, reason: "was modified since the snapshot (size \(identity.size) → \(now.size), mtime changed: \(now.modifiedNanoseconds != identity.modifiedNanoseconds))")
         }
-    }
-
-    /// Injects the whole image into the stopped stub. Returns the milliseconds spent on pages.
-    static func rebuild(_ process: RestoredProcess, metadata: ImageMetadata, reader: ImageReader) throws -> Double {
-        let builder = try AddressSpaceBuilder(process: process, metadata: metadata)
-        try builder.prepareMappings()
-        let pagesStart = monotonicNanoseconds()
-        while let item = try reader.next() {
-            switch item {
-            case let .pages(runs, data):
-                try builder.writePages(runs, data: data, reader: reader)
-            case let .record(kind, _) where kind == .end:
-                break
-            case let .record(kind, _):
-                throw reader.malformed("unexpected \(kind) record among page blocks", kind: kind)
-            }
-        }
-        let pagesMilliseconds = milliseconds(monotonicNanoseconds() - pagesStart)
-        try builder.finishMappings()
-        try builder.restoreMemoryLayout()
-
-        let caller = builder.caller
-        let scratch = builder.scratch!
-        let record = metadata.process
-        try FileTableRestore.restore(metadata.files, caller: caller, scratch: scratch, pid: process.pid)
-        scratch.reset()
-        try caller.call(.chdir, try scratch.place(cString: record.workingDirectory), what: "chdir \(record.workingDirectory)")
-        try caller.call(.umask, UInt64(record.umask))
-        try caller.call(.personality, UInt64(record.personality))
-        try restoreLimits(record.limits, pid: process.pid)
-        try restoreSignalActions(record.signalActions, caller: caller, scratch: scratch)
-
-        try ThreadBuilder.createThreads(metadata.threads, process: process, caller: caller, scratch: scratch)
-        for thread in metadata.threads {
-            let threadCaller = thread.tid == process.pid ? caller
-                : try RemoteSyscaller(tracer: process.tracer, tid: thread.tid, syscallInstruction: caller.syscallInstruction)
-            try ThreadBuilder.restoreKernelState(thread, caller: threadCaller, scratch: scratch)
-        }
-        try queuePendingSignals(metadata, caller: caller, scratch: scratch, pid: process.pid)
-        try caller.call(.prctl, 1 /* PR_SET_PDEATHSIG */, 0, 0, 0, 0)
-        try restoreCredentials(record.credentials, caller: caller, scratch: scratch)
-        try caller.call(.munmap, scratch.address, scratch.size, what: "drop the scratch area")
-        for thread in metadata.threads { try ThreadBuilder.restoreCPUState(thread, tracer: process.tracer) }
-        return pagesMilliseconds
     }
 
     static func restoreLimits(_ limits: [ResourceLimit], pid: pid_t) throws {
@@ -202,7 +183,9 @@ public enum Restorer {
         }
     }
 
-    static func queuePendingSignals(_ metadata: ImageMetadata, caller: RemoteSyscaller, scratch: RemoteScratch, pid: pid_t) throws {
+    /// Queues the recorded pending signals; `localTID` gives each thread's TID as the process sees it.
+    static func queuePendingSignals(_ metadata: ImageMetadata, caller: RemoteSyscaller, scratch: RemoteScratch, pid: pid_t,
+                                    localTID: (ThreadRecord) -> pid_t) throws {
         for info in metadata.process.sharedPendingSignals {
             scratch.reset()
             let signal = info.readLE(Int32.self, at: 0)
@@ -212,8 +195,9 @@ public enum Restorer {
             for info in thread.pendingSignals {
                 scratch.reset()
                 let signal = info.readLE(Int32.self, at: 0)
-                try caller.call(.rtTgsigqueueinfo, UInt64(pid), UInt64(thread.tid), UInt64(signal), try scratch.place(info),
-                                what: "queue signal \(signal) for tid \(thread.tid)")
+                let tid = localTID(thread)
+                try caller.call(.rtTgsigqueueinfo, UInt64(pid), UInt64(tid), UInt64(signal), try scratch.place(info),
+                                what: "queue signal \(signal) for tid \(tid)")
             }
         }
     }

@@ -8,27 +8,31 @@ enum ThreadBuilder {
     static let threadFlags: UInt64 = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
     // CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
-    /// Creates every thread after the first with clone3(set_tid) injected into the main thread.
-    static func createThreads(_ threads: [ThreadRecord], process: RestoredProcess, caller: RemoteSyscaller, scratch: RemoteScratch) throws {
+    /// Creates every thread after the first with clone3(set_tid) injected into the main thread;
+    /// `localTID` is each thread's TID as the process sees it.
+    static func createThreads(_ threads: [ThreadRecord], process: RestoredProcess, caller: RemoteSyscaller, scratch: RemoteScratch,
+                              localTID: (ThreadRecord) -> pid_t) throws {
         for thread in threads.dropFirst() {
+            let tid = localTID(thread)
             scratch.reset()
-            let tidArray = try scratch.place(words: [UInt64(UInt32(bitPattern: thread.tid))])
+            let tidArray = try scratch.place(words: [UInt64(UInt32(bitPattern: tid))])
             // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
             // stack_size, tls, set_tid, set_tid_size, cgroup
             let args = try scratch.place(words: [threadFlags, 0, 0, 0, 0, 0, 0, 0, tidArray, 1, 0])
             let created: UInt64
+            let before = caller.createdTasks.count
             do {
-                created = try caller.call(.clone3, args, 88, what: "clone3(set_tid=\(thread.tid))")
+                created = try caller.call(.clone3, args, 88, what: "clone3(set_tid=\(tid))")
             } catch {
-                if pathExists("/proc/\(thread.tid)") {
-                    throw StasisError.pidTaken(pid: thread.tid, by: describeProcess(thread.tid))
+                if tid == thread.tid && pathExists("/proc/\(tid)") {
+                    throw StasisError.pidTaken(pid: tid, by: describeProcess(tid))
                 }
                 throw error
             }
-            guard created == UInt64(UInt32(bitPattern: thread.tid)) else {
-                throw StasisError.restoreFailed(pid: process.pid, step: "creating thread \(thread.tid)", reason: "the kernel gave TID \(created)")
+            guard created == UInt64(UInt32(bitPattern: tid)), caller.createdTasks.count == before + 1, let attached = caller.createdTasks.last else {
+                throw StasisError.restoreFailed(pid: process.localPID, step: "creating thread \(tid)", reason: "the kernel gave TID \(created)")
             }
-            try process.adopt(thread: thread.tid)
+            try process.adopt(thread: attached, localTID: tid)
         }
     }
 
@@ -54,9 +58,10 @@ enum ThreadBuilder {
     }
 
     /// Sets the registers (general and extended) and the blocked-signal mask the thread resumes with.
-    static func restoreCPUState(_ thread: ThreadRecord, tracer: Tracer) throws {
-        try tracer.setExtendedState(thread.tid, thread.extendedState)
-        try tracer.setRegisters(thread.tid, thread.registers)
-        try tracer.setSignalMask(thread.tid, thread.blockedSignals)
+    /// `tid` is the thread's TID as Stasis sees it.
+    static func restoreCPUState(_ thread: ThreadRecord, tid: pid_t, tracer: Tracer) throws {
+        try tracer.setExtendedState(tid, thread.extendedState)
+        try tracer.setRegisters(tid, thread.registers)
+        try tracer.setSignalMask(tid, thread.blockedSignals)
     }
 }

@@ -37,9 +37,14 @@ public struct SnapshotStats: Codable, Sendable {
     public var bytes: UInt64
     /// Resident pages not stored because they held only zeros.
     public var zero_pages: UInt64
+    /// Threads and mappings of all processes of the tree.
     public var threads: Int
     public var mappings: Int
     public var pid: Int32
+    /// Processes in the tree (zombies included), and pipe and shared memory bytes read during the freeze.
+    public var processes: Int?
+    public var zombies: Int?
+    public var shared_bytes: UInt64?
     /// Set when a live snapshot had to be taken stop-the-world instead, and why.
     public var fallback: String?
 }

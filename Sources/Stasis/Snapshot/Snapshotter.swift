@@ -19,14 +19,15 @@ public enum AfterSnapshot: String, Sendable {
     case kill
 }
 
-/// Takes a snapshot of one process: freeze, capture, (live: clone the memory copy-on-write and
-/// release the process), stream the pages, then run/stop/kill it.
+/// Takes a snapshot of the process tree under one PID (every process, thread and zombie below
+/// it): freeze them all, capture each and what they share, (live: clone each one's memory
+/// copy-on-write and release them), stream the pages, then run/stop/kill them.
 ///
 /// Guarantees: on any failure or cancellation before the image is complete, the snapshot is
-/// discarded — the process is released exactly as it was (running, or stopped if it was
+/// discarded — every process is released exactly as it was (running, or stopped if it was
 /// stopped; no tracer; no scratch mapping; no clone, zombie or extra memory), the partial image
-/// file is removed — and the error names what failed. The image's pages are the process's
-/// memory at the instant of the freeze in both modes.
+/// file is removed — and the error names what failed. The image is every process's memory,
+/// and the bytes in the pipes between them, at one instant (the freeze) in both modes.
 public enum Snapshotter {
     public static func snapshot(
         pid: pid_t, to destination: ImageDestination, mode: SnapshotMode = .live, after: AfterSnapshot,
@@ -72,90 +73,120 @@ public enum Snapshotter {
         after: AfterSnapshot, tracer: Tracer, start: UInt64
     ) throws -> SnapshotStats {
         try FrozenProcess.checkTraceable(pid)
+        let pidNamespace = try TreeNamespace.isOwnNamespace(root: pid)
+        let expected = [pid] + descendants(of: pid)
+        try PipeOwnership.checkNoOutsideHolders(tree: expected)
         // Read before the freeze: the VmFlags (smaps walks every page table).
-        let earlier = try? ProcFS.mappings(pid)
+        var earlier: [pid_t: [ProcFS.MapEntry]] = [:]
+        for member in expected { earlier[member] = try? ProcFS.mappings(member) }
         try Cancellation.check()
-        let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
-        var clone: CopyOnWriteClone?
-        var state: CapturedState
-        var preserved: [Int: PreservedPages] = [:]
+        let tree = try FrozenTree.freeze(root: pid, tracer: tracer)
+        var clones: [CopyOnWriteClone] = []
+        var states: [CapturedState] = []
+        var preserved: [[Int: PreservedPages]] = []
+        var treeRecord: TreeRecord
+        var shared: SharedObjectContents
         let captureStart = monotonicNanoseconds()
         var cloneStart: UInt64 = 0
         do {
-            state = try ProcessCapture.capture(frozen, earlierMappings: earlier, signalsFromClone: true)
-            // Mappings a fork does not carry are read now, while frozen.
-            let notCarried = state.mappings.indices.filter {
-                state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
+            for process in tree.processes {
+                var state = try ProcessCapture.capture(process, earlierMappings: earlier[process.pid], signalsFromClone: true)
+                // Mappings a fork does not carry are read now, while frozen.
+                let notCarried = state.mappings.indices.filter {
+                    state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
+                }
+                try ProcessCapture.planPages(&state, scanning: process.pid, indices: notCarried)
+                var kept: [Int: PreservedPages] = [:]
+                for index in notCarried where !state.pageRanges[index].isEmpty {
+                    kept[index] = try PreservedPages(pid: process.pid, ranges: state.pageRanges[index])
+                }
+                states.append(state)
+                preserved.append(kept)
             }
-            try ProcessCapture.planPages(&state, scanning: pid, indices: notCarried)
-            for index in notCarried where !state.pageRanges[index].isEmpty {
-                preserved[index] = try PreservedPages(pid: pid, ranges: state.pageRanges[index])
-            }
+            try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
+            (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
             try Cancellation.check()
             cloneStart = monotonicNanoseconds()
             do {
-                clone = try CopyOnWriteClone.create(from: frozen, syscallInstruction: state.syscallInstruction)
+                for (index, process) in tree.processes.enumerated() {
+                    clones.append(try CopyOnWriteClone.create(from: process, syscallInstruction: states[index].syscallInstruction))
+                }
             } catch let unavailable as CopyOnWriteClone.Unavailable {
-                // Still frozen and unchanged: finish as a stop-the-world snapshot instead.
-                // Ask the process itself what the clone would have told.
-                try ProcessCapture.askSignalsAndBrk(&state, of: pid, tracer: tracer)
-                var stats = try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
-                                                  destination: destination, after: after, start: start, captureStart: captureStart)
-                stats.fallback = "\(unavailable); the process stayed frozen until the image was complete"
+                // Still frozen and unchanged but for the clones made so far: drop them and finish
+                // as a stop-the-world snapshot. Ask each process what its clone would have told.
+                for clone in clones { clone.destroy(reapInParent: true) }
+                clones = []
+                for (index, process) in tree.processes.enumerated() {
+                    try ProcessCapture.askSignalsAndBrk(&states[index], of: process.pid, tracer: tracer)
+                }
+                var stats = try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
+                                                  temporaryPath: temporaryPath, destination: destination, after: after,
+                                                  start: start, captureStart: captureStart)
+                stats.fallback = "\(unavailable); the tree stayed frozen until the image was complete"
                 return stats
             }
-            try frozen.release()
+            try tree.release()
         } catch {
-            try? frozen.release()
-            clone?.destroy(reapInParent: true)
+            try? tree.release()
+            for clone in clones { clone.destroy(reapInParent: true) }
             throw discarded(pid, error)
         }
         let releasedAt = monotonicNanoseconds()
-        let cloned = clone!
-        let preservedBytes = preserved.values.reduce(UInt64(0)) { $0 + UInt64($1.byteCount) }
+        let preservedBytes = preserved.reduce(UInt64(0)) { total, kept in kept.values.reduce(total) { $0 + UInt64($1.byteCount) } }
         do {
             let streamStart = monotonicNanoseconds()
-            try ProcessCapture.askSignalsAndBrk(&state, of: cloned.pid, tracer: tracer)
-            let carried = state.mappings.indices.filter { preserved[$0] == nil }
-            try ProcessCapture.planPages(&state, scanning: cloned.pid, indices: carried)
+            for (index, clone) in clones.enumerated() {
+                try ProcessCapture.askSignalsAndBrk(&states[index], of: clone.pid, tracer: tracer)
+                let carried = states[index].mappings.indices.filter { preserved[index][$0] == nil }
+                try ProcessCapture.planPages(&states[index], scanning: clone.pid, indices: carried)
+            }
             let writer = try ImageWriter(sink: sink)
-            try writeRecords(state, to: writer)
-            let dumper = PageDumper(source: cloned.pid)
-            // The clone's own memory is sampled (smaps_rollup walks its page tables, ~13 ms/GiB)
+            try writeRecords(treeRecord, states, shared, to: writer)
+            // The clones' own memory is sampled (smaps_rollup walks their page tables, ~13 ms/GiB)
             // at most every 200 ms, and once after the last block.
             var peakExtra: UInt64 = 0
             var lastSample: UInt64 = 0
-            dumper.afterBlock = { runs in
-                let now = monotonicNanoseconds()
-                if now - lastSample > 200_000_000 {
-                    peakExtra = max(peakExtra, cloned.extraBytes())
-                    lastSample = now
+            func sample() -> UInt64 { clones.reduce(0) { $0 + $1.extraBytes() } }
+            var zeroPages: UInt64 = 0
+            for (index, clone) in clones.enumerated() {
+                try writer.writeRecord(.processPages, ProcessPagesRecord(pid: states[index].process.pid))
+                let dumper = PageDumper(source: clone.pid)
+                dumper.afterBlock = { runs in
+                    let now = monotonicNanoseconds()
+                    if now - lastSample > 200_000_000 {
+                        peakExtra = max(peakExtra, sample())
+                        lastSample = now
+                    }
+                    try clone.giveBack(runs)
                 }
-                try cloned.giveBack(runs)
+                try dumper.dump(states[index], preserved: preserved[index], to: writer)
+                zeroPages += dumper.zeroPagesSkipped
             }
-            try dumper.dump(state, preserved: preserved, to: writer)
-            peakExtra = max(peakExtra, cloned.extraBytes())
+            peakExtra = max(peakExtra, sample())
             let trailer = try writer.finish()
             try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
             let streamEnd = monotonicNanoseconds()
-            // The image is complete: the clone goes, and its zombie is reaped inside the process.
-            let cleanupStop = cloned.destroy(reapInParent: after != .kill)
-            try finishProcess(pid, after: after)
+            // The image is complete: the clones go, and their zombies are reaped inside the processes.
+            var cleanupStop: UInt64 = 0
+            for clone in clones { cleanupStop = max(cleanupStop, clone.destroy(reapInParent: after != .kill)) }
+            try finishTree(tree.members, after: after)
             return SnapshotStats(
                 mode: .live,
-                freeze_ms: milliseconds(releasedAt - frozen.frozenAt),
+                freeze_ms: milliseconds(releasedAt - tree.frozenAt),
                 total_ms: milliseconds(streamEnd - start),
                 capture_ms: milliseconds(cloneStart - captureStart),
                 cow_ms: milliseconds(releasedAt - cloneStart),
                 stream_ms: milliseconds(streamEnd - streamStart),
                 write_ms: milliseconds(streamEnd - streamStart),
-                cow_pages: cloned.preservedPages,
-                peak_extra_bytes: peakExtra + preservedBytes + UInt64(ImageFormat.maxPagesPerBlock * 4096),
+                cow_pages: clones.reduce(0) { $0 + $1.preservedPages },
+                peak_extra_bytes: peakExtra + preservedBytes + UInt64(shared.byteCount) + UInt64(ImageFormat.maxPagesPerBlock * 4096),
                 cleanup_stop_ms: milliseconds(cleanupStop),
-                pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
-                threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+                pages: trailer.pages, bytes: writer.offset, zero_pages: zeroPages,
+                threads: states.reduce(0) { $0 + $1.threads.count }, mappings: states.reduce(0) { $0 + $1.mappings.count },
+                pid: pid, processes: tree.members.count, zombies: tree.members.count - tree.processes.count,
+                shared_bytes: UInt64(shared.byteCount))
         } catch {
-            cloned.destroy(reapInParent: true)
+            for clone in clones { clone.destroy(reapInParent: true) }
             throw discarded(pid, error)
         }
     }
@@ -164,31 +195,42 @@ public enum Snapshotter {
         pid: pid_t, sink: FileHandle, temporaryPath: String?, destination: ImageDestination,
         after: AfterSnapshot, tracer: Tracer, start: UInt64
     ) throws -> SnapshotStats {
-        let frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
+        try FrozenProcess.checkTraceable(pid)
+        let pidNamespace = try TreeNamespace.isOwnNamespace(root: pid)
+        try PipeOwnership.checkNoOutsideHolders(tree: [pid] + descendants(of: pid))
+        let tree = try FrozenTree.freeze(root: pid, tracer: tracer)
         do {
             let captureStart = monotonicNanoseconds()
-            var state = try ProcessCapture.capture(frozen)
-            return try streamWhileFrozen(frozen, state: &state, sink: sink, temporaryPath: temporaryPath,
-                                         destination: destination, after: after, start: start, captureStart: captureStart)
+            var states = try tree.processes.map { try ProcessCapture.capture($0) }
+            try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
+            let (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
+            return try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
+                                         temporaryPath: temporaryPath, destination: destination, after: after,
+                                         start: start, captureStart: captureStart)
         } catch {
-            try? frozen.release()
+            try? tree.release()
             throw discarded(pid, error)
         }
     }
 
-    /// Plans and streams the pages of a frozen, captured process, then runs, stops or kills it.
+    /// Plans and streams the pages of a frozen, captured tree, then runs, stops or kills it.
     private static func streamWhileFrozen(
-        _ frozen: FrozenProcess, state: inout CapturedState, sink: FileHandle, temporaryPath: String?,
-        destination: ImageDestination, after: AfterSnapshot, start: UInt64, captureStart: UInt64
+        _ frozen: FrozenTree, states: inout [CapturedState], tree: TreeRecord, shared: SharedObjectContents,
+        sink: FileHandle, temporaryPath: String?, destination: ImageDestination, after: AfterSnapshot,
+        start: UInt64, captureStart: UInt64
     ) throws -> SnapshotStats {
-        let pid = frozen.pid
         var releasedAt: UInt64 = 0
-        try ProcessCapture.planPages(&state, scanning: pid)
+        for (index, process) in frozen.processes.enumerated() { try ProcessCapture.planPages(&states[index], scanning: process.pid) }
         let captureEnd = monotonicNanoseconds()
         let writer = try ImageWriter(sink: sink)
-        try writeRecords(state, to: writer)
-        let dumper = PageDumper(source: pid)
-        try dumper.dump(state, to: writer)
+        try writeRecords(tree, states, shared, to: writer)
+        var zeroPages: UInt64 = 0
+        for (index, process) in frozen.processes.enumerated() {
+            try writer.writeRecord(.processPages, ProcessPagesRecord(pid: states[index].process.pid))
+            let dumper = PageDumper(source: process.pid)
+            try dumper.dump(states[index], to: writer)
+            zeroPages += dumper.zeroPagesSkipped
+        }
         let trailer = try writer.finish()
         try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
         let writeEnd = monotonicNanoseconds()
@@ -196,11 +238,12 @@ public enum Snapshotter {
         case .run: try frozen.release()
         case .stop: try frozen.releaseStopped()
         case .kill:
-            // The process never runs again: its freeze ends when SIGKILL is sent,
-            // not when its parent gets round to reaping it.
-            let cgroup = StasisCgroup.of(pid: pid)
+            // The processes never run again: the freeze ends when SIGKILL is sent, not when
+            // their parents get round to reaping them.
+            let cgroup = StasisCgroup.of(pid: frozen.root)
             releasedAt = monotonicNanoseconds()
             try frozen.kill()
+            try waitForZombiesToGo(frozen.members)
             cgroup?.removeIfEmpty()
         }
         if releasedAt == 0 { releasedAt = monotonicNanoseconds() }
@@ -213,17 +256,39 @@ public enum Snapshotter {
             stream_ms: milliseconds(writeEnd - captureEnd),
             write_ms: milliseconds(writeEnd - captureEnd),
             cow_pages: 0,
-            peak_extra_bytes: UInt64(ImageFormat.maxPagesPerBlock * 4096),
+            peak_extra_bytes: UInt64(shared.byteCount) + UInt64(ImageFormat.maxPagesPerBlock * 4096),
             cleanup_stop_ms: 0,
-            pages: trailer.pages, bytes: writer.offset, zero_pages: dumper.zeroPagesSkipped,
-            threads: state.threads.count, mappings: state.mappings.count, pid: pid)
+            pages: trailer.pages, bytes: writer.offset, zero_pages: zeroPages,
+            threads: states.reduce(0) { $0 + $1.threads.count }, mappings: states.reduce(0) { $0 + $1.mappings.count },
+            pid: frozen.root, processes: frozen.members.count, zombies: frozen.members.count - frozen.processes.count,
+            shared_bytes: UInt64(shared.byteCount))
     }
 
-    private static func writeRecords(_ state: CapturedState, to writer: ImageWriter) throws {
-        try writer.writeRecord(.process, state.process)
-        for thread in state.threads { try writer.writeRecord(.thread, thread) }
-        try writer.writeRecord(.mappings, MappingTable(mappings: state.mappings))
-        try writer.writeRecord(.files, state.files)
+    /// The metadata of the whole tree, ahead of every page: the tree record, each process's
+    /// records, then the shared objects' contents.
+    private static func writeRecords(_ tree: TreeRecord, _ states: [CapturedState], _ shared: SharedObjectContents,
+                                     to writer: ImageWriter) throws {
+        try writer.writeRecord(.tree, tree)
+        for state in states {
+            try writer.writeRecord(.process, state.process)
+            for thread in state.threads { try writer.writeRecord(.thread, thread) }
+            try writer.writeRecord(.mappings, MappingTable(mappings: state.mappings))
+            try writer.writeRecord(.files, state.files)
+        }
+        try shared.write(to: writer)
+    }
+
+    /// The descendants of `pid` as /proc lists them now (not frozen: a hint for reading ahead).
+    static func descendants(of pid: pid_t) -> [pid_t] {
+        var result: [pid_t] = []
+        var queue = [pid]
+        while let next = queue.popLast() {
+            let children = (try? FrozenTree.children(of: next)) ?? []
+            result += children
+            queue += children
+            if result.count > 100_000 { break }
+        }
+        return result
     }
 
     /// Makes a file image durable under its final name.
@@ -235,19 +300,30 @@ public enum Snapshotter {
         }
     }
 
-    /// After a live snapshot: leaves the (untraced, running) process running, stopped or dead.
-    private static func finishProcess(_ pid: pid_t, after: AfterSnapshot) throws {
+    /// After a live snapshot: leaves the (untraced, running) processes running, stopped or dead.
+    private static func finishTree(_ members: [TreeMember], after: AfterSnapshot) throws {
+        let live = members.filter { $0.zombie == nil }
         switch after {
         case .run: break
-        case .stop: _ = Glibc.kill(pid, SIGSTOP)
+        case .stop: for member in live { _ = Glibc.kill(member.pid, SIGSTOP) }
         case .kill:
-            let cgroup = StasisCgroup.of(pid: pid)
-            let startTime = try? ProcFS.stat(pid)[22]
-            _ = Glibc.kill(pid, SIGKILL)
-            // Gone, or its PID already reused (`snapshot --kill -o - | restore -` restores it
-            // as soon as it is free).
-            try waitForPIDToBeFree(pid, timeoutSeconds: 30, orUntil: { (try? ProcFS.stat(pid)[22]) != startTime })
+            let cgroup = members.first.flatMap { StasisCgroup.of(pid: $0.pid) }
+            let startTimes = live.map { (try? ProcFS.stat($0.pid))?[22] }
+            for member in live { _ = Glibc.kill(member.pid, SIGKILL) }
+            // Gone, or their PIDs already reused (`snapshot --kill -o - | restore -` restores
+            // them as soon as they are free).
+            for (member, startTime) in zip(live, startTimes) {
+                try waitForPIDToBeFree(member.pid, timeoutSeconds: 30, orUntil: { (try? ProcFS.stat(member.pid)[22]) != startTime })
+            }
+            try waitForZombiesToGo(members)
             cgroup?.removeIfEmpty()
+        }
+    }
+
+    /// Once their parents are dead, the tree's zombies are reaped by whoever adopts them.
+    private static func waitForZombiesToGo(_ members: [TreeMember]) throws {
+        for member in members where member.zombie != nil {
+            try waitForPIDToBeFree(member.pid, timeoutSeconds: 30, orUntil: { FrozenTree.zombieStatus(member.pid) == nil })
         }
     }
 

@@ -1,10 +1,16 @@
 #define _GNU_SOURCE
 #include "workload_support.h"
 
+#include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
@@ -57,4 +63,143 @@ void install_report_signals(void (*handler)(int), sigset_t *old) {
     sigaddset(&set, SIGUSR1);
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &set, old);
+}
+
+int write_all(int fd, const void *buf, size_t len) {
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+ssize_t read_all(int fd, void *buf, size_t len) {
+    char *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, p + got, len - got);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    return (ssize_t)got;
+}
+
+int parse_long(const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+void child_setup(pid_t parent) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = SIG_DFL;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGPIPE, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+        _exit(1);
+}
+
+void describe_status(int status, char *out, size_t cap) {
+    if (WIFEXITED(status))
+        snprintf(out, cap, "exited with status %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(out, cap, "killed by signal %d (%s)%s", WTERMSIG(status), strsignal(WTERMSIG(status)),
+                 WCOREDUMP(status) ? ", core dumped" : "");
+    else if (WIFSTOPPED(status))
+        snprintf(out, cap, "stopped by signal %d", WSTOPSIG(status));
+    else
+        snprintf(out, cap, "wait status 0x%x", (unsigned)status);
+}
+
+int child_alive(pid_t pid, char *why, size_t cap, int *status) {
+    int st = 0;
+    if (status)
+        *status = -1;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r < 0) {
+        snprintf(why, cap, "waitpid(%d): %s (not our child any more)", (int)pid, strerror(errno));
+        return 0;
+    }
+    if (r == pid) {
+        char s[96];
+        describe_status(st, s, sizeof s);
+        snprintf(why, cap, "child %d %s", (int)pid, s);
+        if (status)
+            *status = st;
+        return 0;
+    }
+    if (kill(pid, 0) != 0) {
+        snprintf(why, cap, "kill(%d, 0): %s", (int)pid, strerror(errno));
+        return 0;
+    }
+    why[0] = 0;
+    return 1;
+}
+
+void detail_clear(struct detail *d) {
+    d->text[0] = 0;
+    d->len = 0;
+    d->problems = 0;
+}
+
+void detail_add(struct detail *d, const char *fmt, ...) {
+    d->problems++;
+    size_t cap = sizeof d->text - 4; // room for "..."
+    if (d->len >= cap)
+        return;
+    if (d->len > 0)
+        d->len += (size_t)snprintf(d->text + d->len, cap - d->len, "; ");
+    if (d->len < cap) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(d->text + d->len, cap - d->len, fmt, ap);
+        va_end(ap);
+        if (n > 0)
+            d->len += (size_t)n;
+    }
+    if (d->len >= cap) { // truncated: text holds cap - 1 characters; mark the cut
+        memcpy(d->text + cap - 1, "...", 4);
+        d->len = cap + 2;
+    }
+}
+
+void budget_start(struct wait_budget *b, long long ms) {
+    b->last = mono_ms();
+    b->left = ms;
+}
+
+long long budget_left(struct wait_budget *b) {
+    long long now = mono_ms(), d = now - b->last;
+    b->last = now;
+    if (d < 0)
+        d = 0;
+    if (d > 100)
+        d = 100;
+    b->left -= d;
+    return b->left > 0 ? b->left : 0;
 }

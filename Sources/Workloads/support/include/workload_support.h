@@ -4,6 +4,7 @@
 #define WORKLOAD_SUPPORT_H
 #include <signal.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 /// Sleeps one step of `ms` milliseconds; a signal (EINTR) just ends it early.
 void sleep_ms(long ms);
@@ -22,5 +23,54 @@ void json_str(char *out, size_t cap, const char *s);
 /// threads created afterwards inherit the block and the signals reach the thread that later
 /// restores `*old` (the main thread). Call before creating threads.
 void install_report_signals(void (*handler)(int), sigset_t *old);
+
+// ---- added for the multi-process workloads (wl-pipe, wl-shared, wl-zombies, wl-blocked,
+// wl-tree); all generic ----------------------------------------------------------------
+
+/// Writes all `len` bytes of `buf` to `fd`, retrying after short writes and EINTR.
+/// Returns 0, or -1 with errno set (EPIPE, EAGAIN on a non-blocking fd, ...).
+int write_all(int fd, const void *buf, size_t len);
+
+/// Reads until `len` bytes have arrived or EOF, retrying after short reads and EINTR.
+/// Returns the byte count (less than `len` only at EOF), or -1 with errno set.
+ssize_t read_all(int fd, void *buf, size_t len);
+
+/// Parses all of `s` as a decimal number in [lo, hi] into *out. Returns 0, or -1.
+int parse_long(const char *s, long lo, long hi, long *out);
+
+/// For a child right after fork(): SIGTERM back to its default action, SIGUSR1 and
+/// SIGUSR2 ignored (reports are the parent's business), SIGPIPE default, no signal
+/// blocked; PR_SET_PDEATHSIG SIGKILL, then _exit(1) if the parent is already gone
+/// (getppid() != parent). PR_SET_PDEATHSIG fires when the *thread* that forked exits.
+void child_setup(pid_t parent);
+
+/// Describes a wait(2) status: "exited with status 3", "killed by signal 9 (Killed)", ...
+void describe_status(int status, char *out, size_t cap);
+
+/// Is `pid` a live child of the caller? Returns 1 if waitpid(pid, WNOHANG) says it is
+/// running (0) and kill(pid, 0) succeeds. Otherwise returns 0 and describes why in `why`;
+/// a child that had exited is reaped by the call, and its status stored in *status
+/// (if not NULL; -1 when there is none, e.g. ECHILD).
+int child_alive(pid_t pid, char *why, size_t cap, int *status);
+
+/// Problems found by one check, joined with "; " (truncated with "..." if too long).
+struct detail {
+    char text[4096];
+    size_t len;
+    int problems;
+};
+void detail_clear(struct detail *d);
+void detail_add(struct detail *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/// A time limit for a wait that counts only time the process gets to run: each call of
+/// budget_left charges the time since the previous call but at most 100 ms, so a freeze
+/// (checkpoint, SIGSTOP) between two polls is not mistaken for a lack of progress.
+/// Poll well under every 100 ms.
+struct wait_budget {
+    long long last, left;
+};
+void budget_start(struct wait_budget *b, long long ms);
+/// Milliseconds left (0 once spent).
+long long budget_left(struct wait_budget *b);
 
 #endif
