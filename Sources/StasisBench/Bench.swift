@@ -9,12 +9,13 @@ import Stasis
 
 /// `stasis-bench`: measures the real `stasis` binary on wl-bench workloads and prints Markdown.
 /// `core` (the default, so `stasis-bench --quick` still works) is the snapshot/restore benchmark;
-/// `live` measures live snapshots: the freeze against the copy-on-write floor (LiveBench.swift).
+/// `live` measures live snapshots: the freeze against the copy-on-write floor (LiveBench.swift);
+/// `tree` measures process trees: freeze and restore time against processes and threads (TreeBench.swift).
 struct StasisBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stasis-bench",
         abstract: "Benchmark stasis against in-run limits and floors; prints Markdown tables.",
-        subcommands: [CoreBench.self, LiveBench.self],
+        subcommands: [CoreBench.self, LiveBench.self, TreeBench.self],
         defaultSubcommand: CoreBench.self)
 }
 
@@ -372,14 +373,21 @@ final class BenchRunner {
 
     func startWorkload(mebibytes: Int, output: String, extra: [String] = []) throws -> (pid_t, UInt64) {
         let start = now()
-        let launched = try runTool([config.stasis, "run", "--stdout", output, "--", config.workload, "--mb", String(mebibytes)] + extra,
-                                   children: children, scratch: work, timeoutSeconds: 30, what: "stasis run")
+        let pid = try launch([config.workload, "--mb", String(mebibytes)] + extra, stdout: output, timeoutSeconds: 30)
+        try waitForReady(pid: pid, output: output, timeoutSeconds: timeout(mebibytes))
+        return (pid, now() - start)
+    }
+
+    /// `stasis run --stdout OUTPUT -- COMMAND…`: starts the command detached, in a cgroup of its
+    /// own; returns its PID, adopted (killed by `cleanUp` if still alive).
+    func launch(_ command: [String], stdout output: String, stderr errors: String? = nil, timeoutSeconds: Double) throws -> pid_t {
+        let launched = try runTool([config.stasis, "run", "--stdout", output] + (errors.map { ["--stderr", $0] } ?? []) + ["--"] + command,
+                                   children: children, scratch: work, timeoutSeconds: timeoutSeconds, what: "stasis run")
         guard let pid = pid_t(launched.stdout.trimmingTrailingNewlines()) else {
             throw BenchError("stasis run printed \(launched.stdout.debugDescription), not a PID")
         }
         adopt(pid)
-        try waitForReady(pid: pid, output: output, timeoutSeconds: timeout(mebibytes))
-        return (pid, now() - start)
+        return pid
     }
 
     /// Times process_vm_writev into a helper process's anonymous mapping of the workload's size
@@ -415,13 +423,20 @@ final class BenchRunner {
     }
 
     /// Records a process the bench will inherit, so it is killed on failure.
-    private func adopt(_ pid: pid_t) {
+    func adopt(_ pid: pid_t) {
         liveOrphans.insert(pid)
         Emergency.add(pid)
         if let cgroup = cgroupPath(of: pid) { cgroups.insert(cgroup) }
     }
 
-    private func waitForReady(pid: pid_t, output: String, timeoutSeconds: Double) throws {
+    /// Forgets an adopted process that is known to be gone (reaped, its PID free).
+    func disown(_ pid: pid_t) {
+        liveOrphans.remove(pid)
+        Emergency.remove(pid)
+    }
+
+    /// Waits until `output` holds a line "ready" (wl-bench prints it, wl-tree writes it).
+    func waitForReady(pid: pid_t, output: String, timeoutSeconds: Double) throws {
         let deadline = now() + UInt64(timeoutSeconds * 1e9)
         while !readTextFile(output).contains("ready\n") {
             try Emergency.check()
@@ -438,14 +453,26 @@ final class BenchRunner {
         }
     }
 
-    func snapshotToFile(pid: pid_t, mebibytes: Int, kill: Bool, keep: String? = nil) throws -> SnapshotSample {
+    func readRestoreStats(_ path: String) throws -> RestoreStats {
+        defer { unlink(path) }
+        do { return try JSONDecoder().decode(RestoreStats.self, from: Data(readTextFile(path).utf8)) } catch {
+            throw BenchError("cannot decode \(path): \(error)")
+        }
+    }
+
+    /// `stasis snapshot PID -o FILE`, in the benchmark's mode unless `stopTheWorld` says which,
+    /// with the time limit for `mebibytes` unless `timeoutSeconds` is given.
+    func snapshotToFile(pid: pid_t, mebibytes: Int, kill: Bool, keep: String? = nil,
+                        stopTheWorld: Bool? = nil, timeoutSeconds: Double? = nil) throws -> SnapshotSample {
         let image = keep ?? "\(work)/snapshot.stasis"
         let statsPath = "\(work)/snapshot.json"
         defer {
             if keep == nil { unlink(image); sync() }
         }
-        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", image, "--stats", statsPath] + (kill ? ["--kill"] : []) + config.modeArguments,
-                              children: children, scratch: work, timeoutSeconds: timeout(mebibytes), what: "stasis snapshot")
+        let mode = stopTheWorld.map { $0 ? ["--stop-the-world"] : [] } ?? config.modeArguments
+        let what = "stasis snapshot" + (kill ? " --kill" : "") + (mode.isEmpty ? "" : " " + mode.joined(separator: " "))
+        let run = try runTool([config.stasis, "snapshot", String(pid), "-o", image, "--stats", statsPath] + (kill ? ["--kill"] : []) + mode,
+                              children: children, scratch: work, timeoutSeconds: timeoutSeconds ?? timeout(mebibytes), what: what)
         let stats = try readSnapshotStats(statsPath)
         var info = stat()
         guard stat(image, &info) == 0, UInt64(info.st_size) == stats.bytes else {
@@ -493,10 +520,7 @@ final class BenchRunner {
             if (try? children.killAndReap(pid, what: "the restored workload")) != nil { liveOrphans.remove(pid) }
             if let cgroup { removeCgroup(cgroup) }
         }
-        let stats: RestoreStats
-        do { stats = try JSONDecoder().decode(RestoreStats.self, from: Data(readTextFile(statsPath).utf8)) } catch {
-            throw BenchError("cannot decode \(statsPath): \(error)")
-        }
+        let stats = try readRestoreStats(statsPath)
         guard pid == expectedPID else { throw BenchError("restored as pid \(pid), expected \(expectedPID)") }
         // It must be running (sleeping in its loop), not stopped or dead.
         usleep(20000)
@@ -557,15 +581,7 @@ final class BenchRunner {
         children.killEverything(Array(liveOrphans))
         liveOrphans.removeAll()
         for path in cgroups { removeCgroup(path) }
-        if let directory = opendir(work) {
-            while let entry = readdir(directory) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                    String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
-                }
-                if name != "." && name != ".." { unlink("\(work)/\(name)") }
-            }
-            closedir(directory)
-        }
+        for name in directoryNames(work) { unlink("\(work)/\(name)") }
         if rmdir(work) != 0 { progress("warning: could not remove \(work): \(errnoText())") }
     }
 }

@@ -31,7 +31,7 @@ struct LiveReport {
 
         line("## stasis-bench live results")
         line()
-        line("Command: `\(arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " "))`; wall time \(fmt(elapsedSeconds, 0)) s.")
+        line("Command: `\(shellCommand(arguments))`; wall time \(fmt(elapsedSeconds, 0)) s.")
         line("Machine: Linux \(machine.kernel), \(machine.cpus) × \(machine.cpu), \(machine.memory) RAM; files on \(machine.filesystem).")
         line("CPU busy (all processes) just before the run: \(fmt(machine.backgroundBusyPercent, 0)) %, just after: \(fmt(machine.backgroundBusyPercentAtEnd, 0)) %.")
         if let failure { line("**The run failed part-way: \(failure).** The tables hold what was measured until then.") }

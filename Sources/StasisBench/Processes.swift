@@ -129,6 +129,8 @@ final class Children {
             posix_spawn(&pid, argv[0], &actions, &attributes, buffer.baseAddress!, environ)
         }
         guard result == 0 else { throw BenchError("cannot start \(argv[0]): \(errnoText(result))") }
+        // The PID may have been used before (PIDs wrap): an exit kept from then is not this child's.
+        exited[pid] = nil
         started[pid] = (now(), benchRSS)
         Emergency.add(pid)
         return pid
@@ -150,6 +152,12 @@ final class Children {
     }
 
     private var polled: [pid_t: UInt64] = [:]
+
+    /// Drops the kept exits of processes nobody will wait for (orphans the bench reaped: the
+    /// processes of a tree), so that a later process with the same PID is not taken for dead.
+    func forget<S: Sequence>(_ pids: S) where S.Element == pid_t {
+        for pid in pids { exited[pid] = nil }
+    }
 
     /// Whether `pid` has exited and was reaped (its exit is kept for `wait`).
     func hasExited(_ pid: pid_t) -> Bool {
@@ -227,6 +235,29 @@ func openOutput(_ path: String) throws -> Int32 {
     return fd
 }
 
+/// The names in a directory, "." and ".." left out (empty if it cannot be read).
+func directoryNames(_ path: String) -> [String] {
+    guard let directory = opendir(path) else { return [] }
+    defer { closedir(directory) }
+    var names: [String] = []
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names
+}
+
+/// The first executable called `name` on $PATH.
+func findOnPath(_ name: String) -> String? {
+    let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+    for directory in path.split(separator: ":") where access("\(directory)/\(name)", X_OK) == 0 {
+        return "\(directory)/\(name)"
+    }
+    return nil
+}
+
 func readTextFile(_ path: String, limit: Int = 1 << 20) -> String {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return "" }
@@ -274,10 +305,30 @@ func runTool(_ argv: [String], children: Children, scratch: String, stdoutFD: In
     }
     if out >= 0 { close(out) }
     close(err)
-    let exit = try children.wait(for: pid, timeoutSeconds: timeoutSeconds, what: what)
+    let exit: ChildExit
+    do {
+        exit = try children.wait(for: pid, timeoutSeconds: timeoutSeconds, what: what)
+    } catch {
+        // Over its time limit (or interrupted): it must not keep running behind the bench's back.
+        try? children.killAndReap(pid, what: what)
+        throw error
+    }
     let run = ToolRun(exit: exit, stdout: stdoutFD == nil ? readTextFile(outPath) : "", stderr: readTextFile(errPath))
     guard exit.exitedNormally && exit.exitCode == 0 else { throw ToolFailure(what: what, argv: argv, run: run) }
     return run
+}
+
+/// The git commit of the checkout `directory` is in (`git rev-parse --short HEAD`), with
+/// " + uncommitted changes" if tracked files differ from it; nil without git or a checkout.
+func gitCommit(in directory: String, children: Children, scratch: String) -> String? {
+    guard let git = findOnPath("git") else { return nil }
+    guard let head = try? runTool([git, "-C", directory, "rev-parse", "--short", "HEAD"], children: children, scratch: scratch,
+                                  timeoutSeconds: 30, what: "git rev-parse") else { return nil }
+    let commit = head.stdout.trimmingTrailingNewlines()
+    guard !commit.isEmpty else { return nil }
+    let status = try? runTool([git, "-C", directory, "status", "--porcelain", "--untracked-files=no"], children: children,
+                              scratch: scratch, timeoutSeconds: 30, what: "git status")
+    return commit + (status.map { $0.stdout.trimmingTrailingNewlines().isEmpty } == false ? " + uncommitted changes" : "")
 }
 
 /// A tool that exited with a non-zero status or was killed by a signal (crashed).

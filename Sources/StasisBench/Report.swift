@@ -26,6 +26,32 @@ func fmt(_ value: Double, _ digits: Int) -> String {
     return text
 }
 
+/// A command line as it would be typed into a POSIX shell (words quoted only where needed).
+func shellCommand(_ arguments: [String]) -> String {
+    let plain = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./=:,+@%")
+    return arguments.map { word in
+        !word.isEmpty && word.allSatisfy({ plain.contains($0) }) ? word
+            : "'" + word.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
+    }.joined(separator: " ")
+}
+
+/// The current time in UTC, "2025-01-31 14:05:09 UTC".
+func utcDate() -> String {
+    var seconds = time(nil)
+    var parts = tm()
+    gmtime_r(&seconds, &parts)
+    var text = [CChar](repeating: 0, count: 64)
+    let count = strftime(&text, text.count, "%Y-%m-%d %H:%M:%S UTC", &parts)
+    return String(decoding: text[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// The current working directory ("?" if unknown).
+func currentDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: 4097)
+    guard getcwd(&buffer, buffer.count) != nil else { return "?" }
+    return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
 func mib(_ bytes: UInt64) -> String { fmt(Double(bytes) / 1048576, 1) }
 func sizeLabel(_ mebibytes: Int) -> String { mebibytes % 1024 == 0 ? "\(mebibytes / 1024) GiB" : "\(mebibytes) MiB" }
 
@@ -99,7 +125,7 @@ struct Report {
 
         line("## stasis-bench results")
         line()
-        line("Command: `\(arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " "))`; wall time \(fmt(elapsedSeconds, 0)) s.")
+        line("Command: `\(shellCommand(arguments))`; wall time \(fmt(elapsedSeconds, 0)) s.")
         line("Machine: Linux \(machine.kernel), \(machine.cpus) × \(machine.cpu), \(machine.memory) RAM; images on \(machine.filesystem); pipe capacity \(pipeCapacity / 1024) KiB.")
         line("CPU busy (all processes) just before the run: \(fmt(machine.backgroundBusyPercent, 0)) %, just after: \(fmt(machine.backgroundBusyPercentAtEnd, 0)) %.")
         if config.prewarm {

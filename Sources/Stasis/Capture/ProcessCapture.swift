@@ -23,104 +23,172 @@ public struct CapturedState {
 /// it cannot restore faithfully; leaves no mapping, register or signal change behind in the
 /// process (the scratch page it maps is unmapped, injected registers are put back).
 enum ProcessCapture {
-    /// Captures the frozen process. `earlierMappings`, read from /proc/PID/smaps before the
-    /// freeze, saves walking the page tables again while frozen: the freeze reads only
-    /// /proc/PID/maps and takes each mapping's VmFlags from the earlier read, unless any mapping
-    /// changed meanwhile (then smaps is read again). Pages are not planned (see `planPages`).
+    /// Captures every frozen process of a tree. `earlierMappings`, read from /proc/PID/smaps
+    /// before the freeze, saves walking the page tables again while frozen: the freeze reads
+    /// only /proc/PID/maps and takes each mapping's VmFlags from the earlier read, unless any
+    /// mapping changed meanwhile (then smaps is read again). Pages are not planned (see
+    /// `planPages`). The system calls injected to ask what only a process can tell are issued in
+    /// every thread of every process at once, so their round trips through the tracer overlap.
     ///
-    /// With `signalsFromClone`, the signal dispositions and the current brk are not asked while
-    /// frozen: `askSignalsAndBrk` asks the copy-on-write clone for them after the release (a
-    /// clone gets a copy of both at the instant it is made), which shortens the freeze by one
-    /// injected system call per caught signal.
-    static func capture(_ frozen: FrozenProcess, earlierMappings: [ProcFS.MapEntry]? = nil,
-                        signalsFromClone: Bool = false) throws -> CapturedState {
-        let pid = frozen.pid
-        let entries = try currentMappings(pid, earlier: earlierMappings)
-        let mappings = try MappingClassifier.classify(entries, pid: pid)
-        let files = try FileTableCapture.capture(pid: pid)
-        guard let vdso = entries.first(where: { $0.name == "[vdso]" }),
-              let syscallInstruction = try findSyscallInstruction(pid: pid, in: vdso)
-        else {
-            throw StasisError.unsupported(pid: pid, what: "no [vdso] mapping with a syscall instruction")
+    /// With `fromClone`, what a copy-on-write clone holds a copy of — signal dispositions, brk,
+    /// limits, auxv, command line, executable, personality, the mm layout — is not read while
+    /// frozen: `completeFromClone` reads it from the clone after the release, which shortens the
+    /// freeze. What the clone shares with the process instead (cwd, umask) or lacks (the
+    /// process-wide signal queue, the start time) is read now.
+    static func captureAll(_ processes: [FrozenProcess], earlierMappings: [pid_t: [ProcFS.MapEntry]] = [:],
+                           fromClone: Bool = false, namespaced: Bool = false) throws -> [CapturedState] {
+        struct Partial {
+            var frozen: FrozenProcess
+            var mappings: [MappingRecord]
+            var files: FileTable
+            var instruction: UInt64
+            var status: [String: String]
         }
+        var partials: [Partial] = []
+        let fileCache = MappingClassifier.FileCache()
+        for frozen in processes {
+            let pid = frozen.pid
+            let entries = try PhaseTimer.measure("capture: maps") { try currentMappings(pid, earlier: earlierMappings[pid]) }
+            let mappings = try PhaseTimer.measure("capture: classify") { try MappingClassifier.classify(entries, pid: pid, cache: fileCache) }
+            let files = try PhaseTimer.measure("capture: files") { try FileTableCapture.capture(pid: pid) }
+            guard let vdso = entries.first(where: { $0.name == "[vdso]" }),
+                  let instruction = try findSyscallInstruction(pid: pid, in: vdso)
+            else {
+                throw StasisError.unsupported(pid: pid, what: "no [vdso] mapping with a syscall instruction")
+            }
+            partials.append(Partial(frozen: frozen, mappings: mappings, files: files, instruction: instruction,
+                                    status: try ProcFS.status("/proc/\(pid)/status")))
+        }
+        let phaseStart = PhaseTimer.now()
+        let answers = try askEveryThread(partials.map { ($0.frozen, $0.instruction, $0.status) }, signalsAndBrk: !fromClone)
+        PhaseTimer.add("capture: injected", since: phaseStart)
+        return try partials.enumerated().map { index, partial in
+            let frozen = partial.frozen
+            let pid = frozen.pid
+            let threadStart = PhaseTimer.now()
+            var threads: [ThreadRecord] = []
+            let namespaceTIDs = namespaced ? TreeNamespace.namespaceTIDs(pid, threads: frozen.threads) : [:]
+            for tid in frozen.threads {
+                let extras = answers[index].threads[tid]!
+                var robustHead: UInt64 = 0, robustLength: UInt64 = 0
+                _ = try checked(stasis_get_robust_list(tid, &robustHead, &robustLength), "get_robust_list", "tid \(tid)")
+                threads.append(ThreadRecord(
+                    tid: tid,
+                    name: (try? readTextFile("/proc/\(pid)/task/\(tid)/comm"))?.trimmingCharacters() ?? "",
+                    registers: frozen.registersAtFreeze(tid).normalizedForResume(keepRestartBlock: false),
+                    extendedState: try frozen.tracer.extendedState(tid),
+                    blockedSignals: frozen.originalMask(tid),
+                    pendingSignals: try frozen.tracer.pendingSignals(tid, shared: false),
+                    alternateStack: extras.alternateStack,
+                    rseq: try frozen.tracer.rseqConfiguration(tid),
+                    robustListHead: robustHead,
+                    robustListLength: robustLength,
+                    clearChildTID: extras.clearChildTID,
+                    namespaceTID: namespaceTIDs[tid],
+                    parentDeathSignal: extras.parentDeathSignal))
+            }
+            PhaseTimer.add("capture: threads", since: threadStart)
+            var process = try PhaseTimer.measure("capture: process record") {
+                try frozenProcessRecord(frozen, status: partial.status)
+            }
+            if !fromClone {
+                process.signalActions = answers[index].actions
+                try completeProcessRecord(&process, from: pid)
+                process.memoryLayout.brk = answers[index].brk
+            }
+            var state = CapturedState(process: process, threads: threads, mappings: partial.mappings, files: partial.files,
+                                      pageRanges: Array(repeating: [], count: partial.mappings.count))
+            state.syscallInstruction = partial.instruction
+            return state
+        }
+    }
 
-        // What only the process can tell: ask through its own threads.
-        let status = try ProcFS.status("/proc/\(pid)/status")
-        let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
-        let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
-        let main = try RemoteSyscaller(tracer: frozen.tracer, tid: pid, syscallInstruction: syscallInstruction)
-        // Scratch memory: 32 bytes for the main thread's queries, then 64 bytes per thread.
-        let scratchSize = UInt64((64 + 64 * frozen.threads.count + 4095) / 4096 * 4096)
-        let scratch = try main.call(.mmap, 0, scratchSize, UInt64(PROT_READ | PROT_WRITE),
-                                    UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch memory")
-        let memory = RemoteMemory(pid: pid)
+    /// What each thread told about itself.
+    struct ThreadAnswers {
+        var alternateStack: AlternateStack
+        var clearChildTID: UInt64
+        var parentDeathSignal: Int32
+    }
+
+    struct ProcessAnswers {
+        var threads: [pid_t: ThreadAnswers] = [:]
         var actions: [SignalAction] = []
-        var threadExtras: [pid_t: (AlternateStack, UInt64, Int32)] = [:]
-        var currentBrk: UInt64 = 0
-        var others: [RemoteSyscaller] = []
-        do {
-            if !signalsFromClone {
-                (actions, currentBrk) = try signalActionsAndBrk(main, memory: memory, scratch: scratch, caught: caught, ignored: ignored)
-            }
-            // Per-thread queries, issued in every thread at once (each its own 64-byte slot).
-            for tid in frozen.threads where tid != pid {
-                others.append(try RemoteSyscaller(tracer: frozen.tracer, tid: tid, syscallInstruction: syscallInstruction))
-            }
-            let callers = [main] + others
-            func slot(_ index: Int) -> UInt64 { scratch + 64 + UInt64(64 * index) }
-            let stackResults = try RemoteSyscaller.callInEach(callers, .sigaltstack) { [0, slot($0)] }
-            let addressResults = try RemoteSyscaller.callInEach(callers, .prctl) { [40 /* PR_GET_TID_ADDRESS */, slot($0) + 32] }
-            let deathSignalResults = try RemoteSyscaller.callInEach(callers, .prctl) { [2 /* PR_GET_PDEATHSIG */, slot($0) + 40] }
-            let slots = try memory.read(scratch + 64, count: 64 * callers.count)
-            for (index, caller) in callers.enumerated() {
-                for (name, result) in [("read sigaltstack", stackResults[index]), ("PR_GET_TID_ADDRESS", addressResults[index]),
-                                       ("PR_GET_PDEATHSIG", deathSignalResults[index])]
-                where result < 0 && result > -4096 {
-                    throw RemoteCallError(call: name, tid: caller.tid, detail: String(cString: strerror(Int32(-result))))
-                }
-                let base = 64 * index
-                threadExtras[caller.tid] = (AlternateStack(base: slots.readLE(UInt64.self, at: base),
-                                                           flags: slots.readLE(Int32.self, at: base + 8),
-                                                           size: slots.readLE(UInt64.self, at: base + 16)),
-                                            slots.readLE(UInt64.self, at: base + 32), slots.readLE(Int32.self, at: base + 40))
-            }
-            for caller in others { try caller.finish() }
-        } catch {
-            for caller in others { try? caller.finish() }
-            _ = try? main.call(.munmap, scratch, scratchSize)
-            try? main.finish()
-            throw error
-        }
-        try main.call(.munmap, scratch, scratchSize, what: "scratch memory")
-        try main.finish()
+        var brk: UInt64 = 0
+    }
 
-        var threads: [ThreadRecord] = []
-        let namespaceTIDs = TreeNamespace.namespaceTIDs(pid, threads: frozen.threads)
-        for tid in frozen.threads {
-            let (alternateStack, clearTID, deathSignal) = threadExtras[tid]!
-            var robustHead: UInt64 = 0, robustLength: UInt64 = 0
-            _ = try checked(stasis_get_robust_list(tid, &robustHead, &robustLength), "get_robust_list", "tid \(tid)")
-            threads.append(ThreadRecord(
-                tid: tid,
-                name: (try? readTextFile("/proc/\(pid)/task/\(tid)/comm"))?.trimmingCharacters() ?? "",
-                registers: frozen.registersAtFreeze(tid).normalizedForResume(keepRestartBlock: false),
-                extendedState: try frozen.tracer.extendedState(tid),
-                blockedSignals: frozen.originalMask(tid),
-                pendingSignals: try frozen.tracer.pendingSignals(tid, shared: false),
-                alternateStack: alternateStack,
-                rseq: try frozen.tracer.rseqConfiguration(tid),
-                robustListHead: robustHead,
-                robustListLength: robustLength,
-                clearChildTID: clearTID,
-                namespaceTID: namespaceTIDs[tid],
-                parentDeathSignal: deathSignal))
+    /// Asks every thread of every process, through injected system calls, for its sigaltstack,
+    /// its clear_child_tid address and its parent-death signal (and, with `signalsAndBrk`, each
+    /// process for its signal dispositions and brk). Each process gets a scratch mapping for the
+    /// answers (64 bytes a thread), unmapped again; every register is put back.
+    private static func askEveryThread(_ processes: [(frozen: FrozenProcess, instruction: UInt64, status: [String: String])],
+                                       signalsAndBrk: Bool) throws -> [ProcessAnswers] {
+        guard let tracer = processes.first?.frozen.tracer else { return [] }
+        var mains: [RemoteSyscaller] = []
+        var everyThread: [(caller: RemoteSyscaller, process: Int, slot: Int)] = []
+        var scratches: [UInt64] = []
+        func sizeOfScratch(_ index: Int) -> UInt64 { UInt64((64 * processes[index].frozen.threads.count + 4095) / 4096 * 4096) }
+        defer {
+            // Whatever happened: scratch memory unmapped, registers back.
+            if !scratches.isEmpty {
+                _ = try? RemoteSyscaller.callInEach(Array(mains.prefix(scratches.count)), .munmap) { [scratches[$0], sizeOfScratch($0)] }
+            }
+            for (caller, process, _) in everyThread where caller !== mains[process] { try? caller.finish() }
+            for main in mains { try? main.finish() }
         }
-
-        let process = try captureProcessRecord(frozen, status: status, actions: actions, brk: currentBrk)
-        var state = CapturedState(process: process, threads: threads, mappings: mappings, files: files,
-                                  pageRanges: Array(repeating: [], count: mappings.count))
-        state.syscallInstruction = syscallInstruction
-        return state
+        for (frozen, instruction, _) in processes {
+            mains.append(try RemoteSyscaller(tracer: tracer, tid: frozen.pid, syscallInstruction: instruction))
+        }
+        let mapped = try RemoteSyscaller.callInEach(mains, .mmap) {
+            [0, sizeOfScratch($0), UInt64(PROT_READ | PROT_WRITE), UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0]
+        }
+        for (index, result) in mapped.enumerated() {
+            if result < 0 && result > -4096 {
+                // Unmap only what was mapped: the ones before this one.
+                throw RemoteCallError(call: "mmap (scratch memory)", tid: mains[index].tid, detail: String(cString: strerror(Int32(-result))))
+            }
+            scratches.append(UInt64(bitPattern: result))
+        }
+        for (index, (frozen, _, _)) in processes.enumerated() {
+            for (slot, tid) in frozen.threads.enumerated() {
+                let caller = tid == frozen.pid ? mains[index]
+                    : try RemoteSyscaller(tracer: tracer, tid: tid, syscallInstruction: mains[index].syscallInstruction)
+                everyThread.append((caller, index, slot))
+            }
+        }
+        let callers = everyThread.map(\.caller)
+        func slotAddress(_ index: Int) -> UInt64 { scratches[everyThread[index].process] + UInt64(64 * everyThread[index].slot) }
+        let stacks = try RemoteSyscaller.callInEach(callers, .sigaltstack) { [0, slotAddress($0)] }
+        let addresses = try RemoteSyscaller.callInEach(callers, .prctl) { [40 /* PR_GET_TID_ADDRESS */, slotAddress($0) + 32] }
+        let deathSignals = try RemoteSyscaller.callInEach(callers, .prctl) { [2 /* PR_GET_PDEATHSIG */, slotAddress($0) + 40] }
+        var answers = [ProcessAnswers](repeating: ProcessAnswers(), count: processes.count)
+        var slotsRead: [Int: [UInt8]] = [:]
+        for (index, entry) in everyThread.enumerated() {
+            for (name, result) in [("read sigaltstack", stacks[index]), ("PR_GET_TID_ADDRESS", addresses[index]),
+                                   ("PR_GET_PDEATHSIG", deathSignals[index])]
+            where result < 0 && result > -4096 {
+                throw RemoteCallError(call: name, tid: entry.caller.tid, detail: String(cString: strerror(Int32(-result))))
+            }
+            let frozen = processes[entry.process].frozen
+            if slotsRead[entry.process] == nil {
+                slotsRead[entry.process] = try RemoteMemory(pid: frozen.pid).read(scratches[entry.process], count: 64 * frozen.threads.count)
+            }
+            let slots = slotsRead[entry.process]!
+            let base = 64 * entry.slot
+            answers[entry.process].threads[entry.caller.tid] = ThreadAnswers(
+                alternateStack: AlternateStack(base: slots.readLE(UInt64.self, at: base), flags: slots.readLE(Int32.self, at: base + 8),
+                                               size: slots.readLE(UInt64.self, at: base + 16)),
+                clearChildTID: slots.readLE(UInt64.self, at: base + 32),
+                parentDeathSignal: slots.readLE(Int32.self, at: base + 40))
+        }
+        if signalsAndBrk {
+            for (index, (frozen, _, status)) in processes.enumerated() {
+                let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
+                let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
+                (answers[index].actions, answers[index].brk) = try signalActionsAndBrk(
+                    mains[index], memory: RemoteMemory(pid: frozen.pid), scratch: scratches[index], caught: caught, ignored: ignored)
+            }
+        }
+        return answers
     }
 
     /// Asks `caller`'s process for each caught (and SIGCHLD's) disposition and its current brk;
@@ -145,11 +213,16 @@ enum ProcessCapture {
         return (actions, try caller.call(.brk, 0))
     }
 
-    /// Fills in what `capture(signalsFromClone: true)` left out — signal dispositions and the
-    /// brk — by asking `pid` through a scratch page mapped and unmapped in it: the never-running
-    /// clone, whose copies of both are the process's at the freeze, or (when no clone could be
-    /// made) the still-frozen process itself.
-    static func askSignalsAndBrk(_ state: inout CapturedState, of clone: pid_t, tracer: Tracer) throws {
+    /// Fills in what `captureAll(fromClone: true)` left out — signal dispositions, the brk, and
+    /// the process record's other copied parts — from `clone`: the never-running clone, whose
+    /// copies are the process's at the freeze, or (when no clone could be made) the still-frozen
+    /// process itself. Dispositions and brk are asked through a scratch page mapped and unmapped in it.
+    static func completeFromClone(_ state: inout CapturedState, clone: pid_t, tracer: Tracer) throws {
+        try completeProcessRecord(&state.process, from: clone)
+        try askSignalsAndBrk(&state, of: clone, tracer: tracer)
+    }
+
+    private static func askSignalsAndBrk(_ state: inout CapturedState, of clone: pid_t, tracer: Tracer) throws {
         let status = try ProcFS.status("/proc/\(clone)/status")
         let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
         let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
@@ -168,6 +241,17 @@ enum ProcessCapture {
     private static func currentMappings(_ pid: pid_t, earlier: [ProcFS.MapEntry]?) throws -> [ProcFS.MapEntry] {
         guard let earlier else { return try ProcFS.mappings(pid) }
         var current = try ProcFS.mapEntries(pid)
+        // Usually nothing changed: the same entries in the same order.
+        if current.count == earlier.count {
+            var same = true
+            for index in current.indices {
+                var flagged = current[index]
+                flagged.vmFlags = earlier[index].vmFlags
+                if flagged != earlier[index] { same = false; break }
+                current[index] = flagged
+            }
+            if same { return current }
+        }
         var flagsByMapping: [String: [String]] = [:]
         // Written out: interpolating the struct itself goes through reflection (milliseconds).
         func key(_ entry: ProcFS.MapEntry) -> String {
@@ -201,50 +285,59 @@ enum ProcessCapture {
         }
     }
 
-    private static func captureProcessRecord(
-        _ frozen: FrozenProcess, status: [String: String], actions: [SignalAction], brk: UInt64
-    ) throws -> ProcessRecord {
+    /// The parts of the process record a clone would not have as they were at the freeze: the
+    /// working directory and umask (shared with a CLONE_FS clone), credentials, the process-wide
+    /// signal queue, the start time, the time of the freeze.
+    private static func frozenProcessRecord(_ frozen: FrozenProcess, status: [String: String]) throws -> ProcessRecord {
         let pid = frozen.pid
+        func ids(_ key: String) -> [UInt32] { (status[key] ?? "").split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) } }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
         let stat = try ProcFS.stat(pid)
+        let empty = MemoryLayoutRecord(startCode: 0, endCode: 0, startData: 0, endData: 0, startBrk: 0, brk: 0, startStack: 0,
+                                       argStart: 0, argEnd: 0, envStart: 0, envEnd: 0)
+        return ProcessRecord(
+            pid: pid, name: "", commandLine: [], executable: "", executableIdentity: nil,
+            workingDirectory: try readLink("/proc/\(pid)/cwd"),
+            umask: UInt32(status["Umask"] ?? "22", radix: 8) ?? 0o22,
+            personality: 0,
+            credentials: Credentials(uids: ids("Uid"), gids: ids("Gid"), groups: ids("Groups")),
+            limits: [], memoryLayout: empty, auxiliaryVector: [], signalActions: [],
+            sharedPendingSignals: try frozen.tracer.pendingSignals(pid, shared: true),
+            kernelRelease: "",
+            snapshotTimeNanoseconds: Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec),
+            startTime: UInt64(stat[22] ?? "0") ?? 0,
+            bootID: currentBootID())
+    }
+
+    /// The parts of the process record that a fork copies, read from `source`: the process
+    /// itself, or its copy-on-write clone. The brk is not here (`askSignalsAndBrk`).
+    static func completeProcessRecord(_ record: inout ProcessRecord, from source: pid_t) throws {
+        let stat = try ProcFS.stat(source)
         func field(_ number: Int) -> UInt64 { UInt64(stat[number] ?? "0") ?? 0 }
-        let layout = MemoryLayoutRecord(
+        let brk = record.memoryLayout.brk
+        record.memoryLayout = MemoryLayoutRecord(
             startCode: field(26), endCode: field(27), startData: field(45), endData: field(46),
             startBrk: field(47), brk: brk, startStack: field(28), argStart: field(48), argEnd: field(49),
             envStart: field(50), envEnd: field(51))
-        let auxvBytes = try ProcFS.auxiliaryVector(pid)
+        let auxvBytes = try ProcFS.auxiliaryVector(source)
         var auxv: [UInt64] = []
         for index in stride(from: 0, to: auxvBytes.count - 7, by: 8) { auxv.append(auxvBytes.readLE(UInt64.self, at: index)) }
-        let limits = try ProcFS.limits(pid)
-        func ids(_ key: String) -> [UInt32] { (status[key] ?? "").split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) } }
-        let cmdline = (try? readTextFile("/proc/\(pid)/cmdline")) ?? ""
-        let executable = try readLink("/proc/\(pid)/exe")
+        record.auxiliaryVector = auxv
+        record.limits = try ProcFS.limits(source)
+        let cmdline = (try? readTextFile("/proc/\(source)/cmdline")) ?? ""
+        record.commandLine = cmdline.split(separator: "\0", omittingEmptySubsequences: false).dropLast().map(String.init)
+        let executable = try readLink("/proc/\(source)/exe")
         if executable.hasSuffix(" (deleted)") {
-            throw StasisError.unsupported(pid: pid, what: "its executable \(executable) was deleted")
+            throw StasisError.unsupported(pid: record.pid, what: "its executable \(executable) was deleted")
         }
+        record.executable = executable
+        record.executableIdentity = try? FileIdentity.of("/proc/\(source)/exe")
+        record.name = (try? readTextFile("/proc/\(source)/comm"))?.trimmingCharacters() ?? ""
+        record.personality = UInt32((try? readTextFile("/proc/\(source)/personality"))?.trimmingCharacters() ?? "0", radix: 16) ?? 0
         var utsname = utsname()
         uname(&utsname)
-        let release = withUnsafeBytes(of: utsname.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        return ProcessRecord(
-            pid: pid,
-            name: (try? readTextFile("/proc/\(pid)/comm"))?.trimmingCharacters() ?? "",
-            commandLine: cmdline.split(separator: "\0", omittingEmptySubsequences: false).dropLast().map(String.init),
-            executable: executable,
-            executableIdentity: try? FileIdentity.of("/proc/\(pid)/exe"),
-            workingDirectory: try readLink("/proc/\(pid)/cwd"),
-            umask: UInt32(status["Umask"] ?? "22", radix: 8) ?? 0o22,
-            personality: UInt32((try? readTextFile("/proc/\(pid)/personality"))?.trimmingCharacters() ?? "0", radix: 16) ?? 0,
-            credentials: Credentials(uids: ids("Uid"), gids: ids("Gid"), groups: ids("Groups")),
-            limits: limits,
-            memoryLayout: layout,
-            auxiliaryVector: auxv,
-            signalActions: actions,
-            sharedPendingSignals: try frozen.tracer.pendingSignals(pid, shared: true),
-            kernelRelease: release,
-            snapshotTimeNanoseconds: Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec),
-            startTime: field(22),
-            bootID: currentBootID())
+        record.kernelRelease = withUnsafeBytes(of: utsname.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
     }
 }
 
@@ -258,6 +351,6 @@ extension FileIdentity {
 }
 
 /// This boot's random ID, from /proc/sys/kernel/random/boot_id.
-func currentBootID() -> String? {
-    (try? readTextFile("/proc/sys/kernel/random/boot_id"))?.trimmingCharacters()
-}
+func currentBootID() -> String? { bootID }
+
+private let bootID = (try? readTextFile("/proc/sys/kernel/random/boot_id"))?.trimmingCharacters()

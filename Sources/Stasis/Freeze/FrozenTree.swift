@@ -25,14 +25,19 @@ public final class FrozenTree {
     /// When the first thread of the tree was stopped (CLOCK_MONOTONIC ns).
     public var frozenAt: UInt64 { processes.first?.frozenAt ?? 0 }
 
+    private var pidNamespace = false
+
     private init(root: pid_t, tracer: Tracer) {
         self.root = root
         self.tracer = tracer
     }
 
     /// Freezes `root` and all its descendants.
-    public static func freeze(root: pid_t, tracer: Tracer) throws -> FrozenTree {
+    /// Freezes `root` and all its descendants; with `pidNamespace`, each member's PID inside
+    /// the namespace is recorded too.
+    public static func freeze(root: pid_t, tracer: Tracer, pidNamespace: Bool = false) throws -> FrozenTree {
         let tree = FrozenTree(root: root, tracer: tracer)
+        tree.pidNamespace = pidNamespace
         do {
             try tree.freezeAll()
         } catch {
@@ -45,7 +50,7 @@ public final class FrozenTree {
     private func freezeAll() throws {
         let first = try FrozenProcess.freeze(pid: root, tracer: tracer)
         processes.append(first)
-        members.append(try Self.member(root, isRoot: true, zombie: nil))
+        members.append(try member(root, isRoot: true, zombie: nil))
         var known: Set<pid_t> = [root]
         var listed = 0
         while true {
@@ -66,7 +71,7 @@ public final class FrozenTree {
     /// Freezes a newly found child, or records it as a zombie.
     private func adopt(_ pid: pid_t) throws {
         if let zombie = Self.zombieStatus(pid) {
-            members.append(try Self.member(pid, isRoot: false, zombie: zombie))
+            members.append(try member(pid, isRoot: false, zombie: zombie))
             return
         }
         let frozen: FrozenProcess
@@ -77,13 +82,13 @@ public final class FrozenTree {
             // zombie now (or gone, if its parent ignores SIGCHLD).
             if case .noSuchProcess = error { return }
             if case .notTraceable = error, let zombie = Self.zombieStatus(pid) {
-                members.append(try Self.member(pid, isRoot: false, zombie: zombie))
+                members.append(try member(pid, isRoot: false, zombie: zombie))
                 return
             }
             throw error
         }
         processes.append(frozen)
-        members.append(try Self.member(pid, isRoot: false, zombie: nil))
+        members.append(try member(pid, isRoot: false, zombie: nil))
     }
 
     /// The child processes of every thread of `pid`.
@@ -102,12 +107,12 @@ public final class FrozenTree {
         return ZombieRecord(waitStatus: code)
     }
 
-    static func member(_ pid: pid_t, isRoot: Bool, zombie: ZombieRecord?) throws -> TreeMember {
+    private func member(_ pid: pid_t, isRoot: Bool, zombie: ZombieRecord?) throws -> TreeMember {
         let stat: [Int: String]
         do { stat = try ProcFS.stat(pid) } catch { throw StasisError.noSuchProcess(pid: pid) }
         func field(_ number: Int) -> Int32 { Int32(stat[number] ?? "0") ?? 0 }
         return TreeMember(pid: pid, parent: isRoot ? 0 : field(4), processGroup: field(5), session: field(6),
-                          namespacePID: TreeNamespace.namespacePID(pid), zombie: zombie)
+                          namespacePID: pidNamespace ? TreeNamespace.namespacePID(pid) : nil, zombie: zombie)
     }
 
     /// Lets every process run on from where it was frozen.

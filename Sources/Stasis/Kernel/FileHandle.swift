@@ -103,14 +103,16 @@ extension Int {
 /// Reads a whole small file (procfs, sysfs) into a string.
 func readTextFile(_ path: String) throws -> String {
     let handle = try FileHandle.open(path, O_RDONLY)
+    // An uninitialized chunk: zeroing a large buffer for every small /proc file costs more than
+    // reading it.
+    let chunkSize = 16384
+    let chunk = UnsafeMutableRawPointer.allocate(byteCount: chunkSize, alignment: 16)
+    defer { chunk.deallocate() }
     var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
-        let got = try chunk.withUnsafeMutableBytes { (raw) throws in
-            try handle.read(into: raw.baseAddress!, count: raw.count)
-        }
+        let got = try handle.read(into: chunk, count: chunkSize)
         if got == 0 { break }
-        bytes.append(contentsOf: chunk[0..<got])
+        bytes.append(contentsOf: UnsafeRawBufferPointer(start: chunk, count: got))
     }
     return String(decoding: bytes, as: UTF8.self)
 }

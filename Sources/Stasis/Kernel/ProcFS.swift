@@ -106,9 +106,24 @@ public enum ProcFS {
     public static func status(_ path: String) throws -> [String: String] {
         let text = try readTextFile(path)
         var result: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingCharacters()
+        result.reserveCapacity(64)
+        // Byte-wise: "Key:\t value\n", the value trimmed of spaces and tabs.
+        let bytes = text.utf8
+        var lineStart = bytes.startIndex
+        while lineStart < bytes.endIndex {
+            let lineEnd = bytes[lineStart...].firstIndex(of: UInt8(ascii: "\n")) ?? bytes.endIndex
+            if let colon = bytes[lineStart..<lineEnd].firstIndex(of: UInt8(ascii: ":")) {
+                var valueStart = bytes.index(after: colon)
+                while valueStart < lineEnd, bytes[valueStart] == 0x20 || bytes[valueStart] == 0x09 { valueStart = bytes.index(after: valueStart) }
+                var valueEnd = lineEnd
+                while valueEnd > valueStart {
+                    let last = bytes[bytes.index(before: valueEnd)]
+                    guard last == 0x20 || last == 0x09 else { break }
+                    valueEnd = bytes.index(before: valueEnd)
+                }
+                result[String(text[lineStart..<colon])] = String(text[valueStart..<valueEnd])
+            }
+            lineStart = lineEnd < bytes.endIndex ? bytes.index(after: lineEnd) : lineEnd
         }
         return result
     }

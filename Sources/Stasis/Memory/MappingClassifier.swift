@@ -5,7 +5,14 @@ enum MappingClassifier {
     /// VmFlags that restore re-applies.
     static let keptFlags: Set<String> = ["gd", "dc", "wf", "dd", "hg", "nh"]
 
-    static func classify(_ entries: [ProcFS.MapEntry], pid: pid_t) throws -> [MappingRecord] {
+    /// `stat` results of mapped files by device and inode, shared by the processes of a tree
+    /// (a hundred processes map the same libc).
+    final class FileCache {
+        var entries: [String: stat] = [:]
+        init() {}
+    }
+
+    static func classify(_ entries: [ProcFS.MapEntry], pid: pid_t, cache: FileCache = FileCache()) throws -> [MappingRecord] {
         var records: [MappingRecord] = []
         for entry in entries {
             let range = "0x\(String(entry.start, radix: 16))-0x\(String(entry.end, radix: 16))"
@@ -44,9 +51,15 @@ enum MappingClassifier {
                         throw StasisError.unsupported(pid: pid, what: "mapping \(range) of \(entry.name.isEmpty ? "an unnamed object" : entry.name)")
                     }
                     let mapFile = "/proc/\(pid)/map_files/\(String(entry.start, radix: 16))-\(String(entry.end, radix: 16))"
+                    let key = "\(entry.deviceMajor):\(entry.deviceMinor):\(entry.inode)"
                     let st: stat
-                    do { st = try statPath(mapFile) } catch {
-                        throw StasisError.unsupported(pid: pid, what: "mapping \(range) of \(entry.name): \(error)")
+                    if let known = cache.entries[key] {
+                        st = known
+                    } else {
+                        do { st = try statPath(mapFile) } catch {
+                            throw StasisError.unsupported(pid: pid, what: "mapping \(range) of \(entry.name): \(error)")
+                        }
+                        cache.entries[key] = st
                     }
                     if (st.st_mode & S_IFMT) != S_IFREG {
                         throw StasisError.unsupported(pid: pid, what: "mapping \(range) of \(entry.name), which is not a regular file")

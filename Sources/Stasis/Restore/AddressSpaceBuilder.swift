@@ -63,42 +63,77 @@ final class AddressSpaceBuilder {
         }
         let occupied = metadata.mappings.map { $0.start..<$0.end } + stubSpecials.map { $0.start..<$0.end }
         let total = stubSpecials.reduce(0) { $0 + ($1.end - $1.start) }
-        guard let parking = findFreeRange(size: total + Self.scratchSize, avoiding: occupied) else {
+        guard let parking = findFreeRange(size: total + Self.scratchSize + 4096, avoiding: occupied) else {
             throw StasisError.restoreFailed(pid: pid, step: "placing the vDSO", reason: "no free address range")
         }
-        var parked: [(name: String, address: UInt64, size: UInt64)] = []
-        var cursor = parking
-        for special in stubSpecials {
-            let size = special.end - special.start
-            try caller.call(.mremap, special.start, size, size, 3 /* MREMAP_MAYMOVE|MREMAP_FIXED */, cursor, what: "park \(special.name)")
-            parked.append((special.name, cursor, size))
-            cursor += size
-        }
-        var syscallOffset: UInt64?
-        if let stubVdso = stubSpecials.first(where: { $0.name == "[vdso]" }) {
-            syscallOffset = caller.syscallInstruction - stubVdso.start
-            caller.syscallInstruction = parked.first(where: { $0.name == "[vdso]" })!.address + syscallOffset!
-        }
-        for piece in parked {
-            if let target = imageSpecials.first(where: { specialNames[$0.backing] == piece.name }) {
-                try caller.call(.mremap, piece.address, piece.size, piece.size, 3, target.start, what: "move \(piece.name)")
-                if piece.name == "[vdso]", let syscallOffset { caller.syscallInstruction = target.start + syscallOffset }
-            }
-        }
-        for piece in parked where piece.name != "[vdso]" && !imageSpecials.contains(where: { specialNames[$0.backing] == piece.name }) {
-            try caller.call(.munmap, piece.address, piece.size, what: "drop \(piece.name), which the image does not have")
-        }
-        // Scratch room for call arguments, in a spot the image does not use.
+        // Scratch room for call arguments and the batch executor's page, in a spot the image
+        // does not use, right after the parking room.
         let scratchAddress = try caller.call(.mmap, parking + total, Self.scratchSize, UInt64(PROT_READ | PROT_WRITE),
                                              UInt64(MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE), UInt64.max, 0,
                                              what: "scratch area")
         scratch = RemoteScratch(address: scratchAddress, size: Self.scratchSize, pid: pid)
-
-        var openFiles: [String: UInt64] = [:]
-        defer {
-            for fd in openFiles.values { _ = try? caller.call(.close, fd) }
+        executor = try StubExecutor(process: process, caller: caller, scratch: scratch, near: parking + total + Self.scratchSize)
+        // One batch (the executor runs from its own page, so the vDSO may move under it): park
+        // every piece, move each to the image's address, drop those the image lacks.
+        var moves: [StubExecutor.Call] = []
+        var parked: [(name: String, address: UInt64, size: UInt64)] = []
+        var cursor = parking
+        for special in stubSpecials {
+            let size = special.end - special.start
+            moves.append(.init(.mremap, special.start, size, size, 3 /* MREMAP_MAYMOVE|MREMAP_FIXED */, cursor, what: "park \(special.name)"))
+            parked.append((special.name, cursor, size))
+            cursor += size
         }
-        for mapping in metadata.mappings where specialNames[mapping.backing] == nil {
+        let syscallOffset = stubSpecials.first(where: { $0.name == "[vdso]" }).map { caller.syscallInstruction - $0.start }
+        var vdsoAt = parked.first(where: { $0.name == "[vdso]" })?.address
+        for piece in parked {
+            if let target = imageSpecials.first(where: { specialNames[$0.backing] == piece.name }) {
+                moves.append(.init(.mremap, piece.address, piece.size, piece.size, 3, target.start, what: "move \(piece.name)"))
+                if piece.name == "[vdso]" { vdsoAt = target.start }
+            }
+        }
+        for piece in parked where piece.name != "[vdso]" && !imageSpecials.contains(where: { specialNames[$0.backing] == piece.name }) {
+            moves.append(.init(.munmap, piece.address, piece.size, what: "drop \(piece.name), which the image does not have"))
+        }
+        scratch.reset()
+        try executor.run(moves)
+        if let syscallOffset, let vdsoAt { caller.syscallInstruction = vdsoAt + syscallOffset }
+
+        // First batch: open every mapped file once (read-only, or read-write for writable shared
+        // mappings) and pull in every shared memory object.
+        var fileKeys: [String] = []
+        var opens: [StubExecutor.Call] = []
+        scratch.reset()
+        let mapped = metadata.mappings.filter { specialNames[$0.backing] == nil }
+        for mapping in mapped {
+            switch mapping.backing {
+            case .privateFile, .sharedFile:
+                let writable = mapping.backing == .sharedFile && mapping.writable
+                let key = (writable ? "rw:" : "ro:") + mapping.name
+                guard !fileKeys.contains(key) else { continue }
+                fileKeys.append(key)
+                opens.append(.init(.open, try scratch.place(cString: mapping.name), UInt64(writable ? O_RDWR : O_RDONLY) | UInt64(O_CLOEXEC), 0,
+                                   what: "open \(mapping.name)"))
+            case .sharedMemory:
+                guard let id = mapping.sharedMemory, let object = objects.sharedMemory[id] else {
+                    throw StasisError.restoreFailed(pid: process.localPID, step: "mapping shared memory at 0x\(String(mapping.start, radix: 16))",
+                                                    reason: "the image has no shared memory object \(mapping.sharedMemory ?? 0)")
+                }
+                let key = "shm:\(id)"
+                guard !fileKeys.contains(key) else { continue }
+                fileKeys.append(key)
+                opens.append(.init(.pidfdGetfd, UInt64(objects.pidfdNumber), UInt64(object), 0, what: "pidfd_getfd of shared memory \(mapping.name)"))
+            default:
+                continue
+            }
+        }
+        let fds = try executor.run(opens)
+        var fdOf: [String: UInt64] = [:]
+        for (key, fd) in zip(fileKeys, fds) { fdOf[key] = fd }
+
+        // Second batch: every mapping at its address, its huge-page advice, then the files closed.
+        var calls: [StubExecutor.Call] = []
+        for mapping in mapped {
             let length = mapping.end - mapping.start
             var flags = UInt64(MAP_FIXED)
             var prot = UInt64(PROT_READ | PROT_WRITE)
@@ -108,42 +143,38 @@ final class AddressSpaceBuilder {
                 flags |= UInt64(MAP_PRIVATE | MAP_ANONYMOUS)
                 if mapping.flags.contains("gd") { flags |= UInt64(MAP_GROWSDOWN) }
             case .sharedMemory:
-                guard let object = mapping.sharedMemory.flatMap({ objects.sharedMemory[$0] }) else {
-                    throw StasisError.restoreFailed(pid: process.localPID, step: "mapping shared memory at 0x\(String(mapping.start, radix: 16))",
-                                                    reason: "the image has no shared memory object \(mapping.sharedMemory ?? 0)")
-                }
-                let pulled = try objects.pull(object, into: caller, what: "shared memory \(mapping.name)")
-                defer { _ = try? caller.call(.close, pulled) }
-                let placed = try caller.call(.mmap, mapping.start, length, protection(of: mapping), UInt64(MAP_SHARED | MAP_FIXED), pulled,
-                                             mapping.fileOffset, what: "map shared memory at 0x\(String(mapping.start, radix: 16))")
-                guard placed == mapping.start else {
-                    throw StasisError.restoreFailed(pid: process.localPID, step: "mapping 0x\(String(mapping.start, radix: 16))", reason: "the kernel placed it at 0x\(String(placed, radix: 16))")
-                }
-                continue
+                fd = fdOf["shm:\(mapping.sharedMemory!)"]!
+                flags |= UInt64(MAP_SHARED)
+                prot = protection(of: mapping)
             case .privateFile, .sharedFile:
                 let shared = mapping.backing == .sharedFile
-                let key = (shared && mapping.writable ? "rw:" : "ro:") + mapping.name
-                if let open = openFiles[key] {
-                    fd = open
-                } else {
-                    scratch.reset()
-                    let path = try scratch.place(cString: mapping.name)
-                    fd = try caller.call(.open, path, UInt64(shared && mapping.writable ? O_RDWR : O_RDONLY) | UInt64(O_CLOEXEC), 0,
-                                         what: "open \(mapping.name)")
-                    openFiles[key] = fd
-                }
+                fd = fdOf[(shared && mapping.writable ? "rw:" : "ro:") + mapping.name]!
                 flags |= UInt64(shared ? MAP_SHARED : MAP_PRIVATE)
                 if shared { prot = protection(of: mapping) }
             default:
                 continue
             }
-            let placed = try caller.call(.mmap, mapping.start, length, prot, flags, fd, mapping.fileOffset,
-                                         what: "map \(mapping.name.isEmpty ? "anonymous memory" : mapping.name) at 0x\(String(mapping.start, radix: 16))")
-            guard placed == mapping.start else {
-                throw StasisError.restoreFailed(pid: pid, step: "mapping 0x\(String(mapping.start, radix: 16))", reason: "the kernel placed it at 0x\(String(placed, radix: 16))")
-            }
-            if mapping.flags.contains("hg") { try caller.call(.madvise, mapping.start, length, UInt64(MADV_HUGEPAGE)) }
-            if mapping.flags.contains("nh") { try caller.call(.madvise, mapping.start, length, UInt64(MADV_NOHUGEPAGE)) }
+            calls.append(.init(.mmap, mapping.start, length, prot, flags, fd, mapping.fileOffset,
+                               what: "map \(mapping.name.isEmpty ? "anonymous memory" : mapping.name) at 0x\(String(mapping.start, radix: 16))"))
+            if mapping.flags.contains("hg") { calls.append(.init(.madvise, mapping.start, length, UInt64(MADV_HUGEPAGE), what: "MADV_HUGEPAGE")) }
+            if mapping.flags.contains("nh") { calls.append(.init(.madvise, mapping.start, length, UInt64(MADV_NOHUGEPAGE), what: "MADV_NOHUGEPAGE")) }
+        }
+        for fd in fds { calls.append(.init(.close, fd, what: "close a mapped file")) }
+        try runInChunks(calls)
+    }
+
+    /// The stub's batch executor (set up by `prepareMappings`).
+    private(set) var executor: StubExecutor!
+
+    /// Runs calls that do not point into the scratch area in batches that fit in it.
+    func runInChunks(_ calls: [StubExecutor.Call]) throws {
+        let perBatch = Int(Self.scratchSize) / StubExecutor.entrySize - 1
+        var start = 0
+        while start < calls.count {
+            scratch.reset()
+            let end = min(calls.count, start + perBatch)
+            try executor.run(Array(calls[start..<end]))
+            start = end
         }
     }
 
@@ -179,17 +210,19 @@ final class AddressSpaceBuilder {
 
     /// Final page protections and the madvise flags that must follow the data.
     func finishMappings() throws {
+        var calls: [StubExecutor.Call] = []
         for mapping in metadata.mappings where mapping.backing == .anonymous || mapping.backing == .privateFile {
             let length = mapping.end - mapping.start
             let prot = protection(of: mapping)
             if prot != UInt64(PROT_READ | PROT_WRITE) {
-                try caller.call(.mprotect, mapping.start, length, prot, what: "protect 0x\(String(mapping.start, radix: 16))")
+                calls.append(.init(.mprotect, mapping.start, length, prot, what: "protect 0x\(String(mapping.start, radix: 16))"))
             }
             let advice: [(String, Int32)] = [("dc", MADV_DONTFORK), ("wf", 18 /* MADV_WIPEONFORK */), ("dd", MADV_DONTDUMP)]
             for (flag, value) in advice where mapping.flags.contains(flag) {
-                try caller.call(.madvise, mapping.start, length, UInt64(value), what: "madvise \(flag) at 0x\(String(mapping.start, radix: 16))")
+                calls.append(.init(.madvise, mapping.start, length, UInt64(value), what: "madvise \(flag) at 0x\(String(mapping.start, radix: 16))"))
             }
         }
+        try runInChunks(calls)
     }
 
     /// Restores where the kernel thinks code, data, heap, stack, arguments and environment are,

@@ -174,15 +174,6 @@ public enum Restorer {
         }
     }
 
-    static func restoreSignalActions(_ actions: [SignalAction], caller: RemoteSyscaller, scratch: RemoteScratch) throws {
-        // The stub reset every disposition to SIG_DFL; set the ones the process had changed.
-        for action in actions {
-            scratch.reset()
-            let address = try scratch.place(words: [action.handler, action.flags, action.restorer, action.mask])
-            try caller.call(.rtSigaction, UInt64(action.signal), address, 0, 8, what: "sigaction \(action.signal)")
-        }
-    }
-
     /// Queues the recorded pending signals; `localTID` gives each thread's TID as the process sees it.
     static func queuePendingSignals(_ metadata: ImageMetadata, caller: RemoteSyscaller, scratch: RemoteScratch, pid: pid_t,
                                     localTID: (ThreadRecord) -> pid_t) throws {
@@ -202,14 +193,17 @@ public enum Restorer {
         }
     }
 
-    static func restoreCredentials(_ credentials: Credentials, caller: RemoteSyscaller, scratch: RemoteScratch) throws {
+    /// setgroups, setresgid, setresuid — last, once nothing needs root any more.
+    static func restoreCredentials(_ credentials: Credentials, executor: StubExecutor, scratch: RemoteScratch) throws {
         guard credentials.uids.count >= 3, credentials.gids.count >= 3 else { return }
         scratch.reset()
         var groups: [UInt8] = []
         for group in credentials.groups { groups.appendLE(group) }
         let list = groups.isEmpty ? 0 : try scratch.place(groups)
-        try caller.call(.setgroups, UInt64(credentials.groups.count), list, what: "setgroups")
-        try caller.call(.setresgid, UInt64(credentials.gids[0]), UInt64(credentials.gids[1]), UInt64(credentials.gids[2]), what: "setresgid")
-        try caller.call(.setresuid, UInt64(credentials.uids[0]), UInt64(credentials.uids[1]), UInt64(credentials.uids[2]), what: "setresuid")
+        try executor.run([
+            .init(.setgroups, UInt64(credentials.groups.count), list, what: "setgroups"),
+            .init(.setresgid, UInt64(credentials.gids[0]), UInt64(credentials.gids[1]), UInt64(credentials.gids[2]), what: "setresgid"),
+            .init(.setresuid, UInt64(credentials.uids[0]), UInt64(credentials.uids[1]), UInt64(credentials.uids[2]), what: "setresuid"),
+        ])
     }
 }

@@ -36,28 +36,32 @@ enum ThreadBuilder {
         }
     }
 
-    /// Gives one thread its kernel-held state through injected calls in that thread.
-    static func restoreKernelState(_ thread: ThreadRecord, caller: RemoteSyscaller, scratch: RemoteScratch) throws {
-        if thread.robustListHead != 0 {
-            try caller.call(.setRobustList, thread.robustListHead, thread.robustListLength, what: "set_robust_list")
-        }
-        try caller.call(.setTIDAddress, thread.clearChildTID, what: "set_tid_address")
+    /// Gives one thread (`tid`, as Stasis sees it) its kernel-held state, in one batch run in
+    /// that thread: robust futex list, clear_child_tid, sigaltstack, name, rseq, parent-death signal.
+    static func restoreKernelState(_ thread: ThreadRecord, tid: pid_t, executor: StubExecutor, scratch: RemoteScratch,
+                                   parentDeathSignal: Int32) throws {
         scratch.reset()
+        var calls: [StubExecutor.Call] = []
+        if thread.robustListHead != 0 {
+            calls.append(.init(.setRobustList, thread.robustListHead, thread.robustListLength, what: "set_robust_list"))
+        }
+        calls.append(.init(.setTIDAddress, thread.clearChildTID, what: "set_tid_address"))
         var stack: [UInt8] = []
         let disabled = thread.alternateStack.flags & 2 != 0
         stack.appendLE(disabled ? 0 : thread.alternateStack.base)
         stack.appendLE(disabled ? Int32(2) : thread.alternateStack.flags & Int32(bitPattern: 0x8000_0000))  // keep SS_AUTODISARM
         stack.appendLE(Int32(0))
         stack.appendLE(disabled ? 0 : thread.alternateStack.size)
-        try caller.call(.sigaltstack, try scratch.place(stack), 0, what: "sigaltstack")
+        calls.append(.init(.sigaltstack, try scratch.place(stack), 0, what: "sigaltstack"))
         let name = Array(thread.name.utf8.prefix(15)) + [0]
-        try caller.call(.prctl, 15 /* PR_SET_NAME */, try scratch.place(name), 0, 0, 0, what: "PR_SET_NAME")
+        calls.append(.init(.prctl, 15 /* PR_SET_NAME */, try scratch.place(name), 0, 0, 0, what: "PR_SET_NAME"))
         if let rseq = thread.rseq {
-            try caller.call(.rseq, rseq.address, UInt64(rseq.length), 0, UInt64(rseq.signature), what: "rseq registration")
+            calls.append(.init(.rseq, rseq.address, UInt64(rseq.length), 0, UInt64(rseq.signature), what: "rseq registration"))
         }
+        calls.append(.init(.prctl, 1 /* PR_SET_PDEATHSIG */, UInt64(UInt32(bitPattern: parentDeathSignal)), 0, 0, 0, what: "PR_SET_PDEATHSIG"))
+        try executor.run(calls, in: tid)
     }
 
-    /// Sets the registers (general and extended) and the blocked-signal mask the thread resumes with.
     /// `tid` is the thread's TID as Stasis sees it.
     static func restoreCPUState(_ thread: ThreadRecord, tid: pid_t, tracer: Tracer) throws {
         try tracer.setExtendedState(tid, thread.extendedState)

@@ -52,26 +52,28 @@ final class TreeBuilder {
     func build(pages: ImageReader) throws -> Result {
         let objects = try SharedObjects(tree: metadata.tree)
         do {
-            try spawnTree(objects: objects)
+            try PhaseTimer.measure("restore: spawn tree") { try spawnTree(objects: objects) }
             let live = metadata.tree.liveMembers
             var builders: [AddressSpaceBuilder] = []
             for (index, member) in live.enumerated() {
-                let builder = try AddressSpaceBuilder(process: byImagePID[member.pid]!, metadata: metadata.processes[index], objects: objects)
-                try builder.prepareMappings()
+                let builder = try PhaseTimer.measure("restore: builder") {
+                    try AddressSpaceBuilder(process: byImagePID[member.pid]!, metadata: metadata.processes[index], objects: objects)
+                }
+                try PhaseTimer.measure("restore: prepare mappings") { try builder.prepareMappings() }
                 builders.append(builder)
             }
-            let pagesMilliseconds = try streamContents(pages, objects: objects, builders: builders)
+            let pagesMilliseconds = try PhaseTimer.measure("restore: contents") { try streamContents(pages, objects: objects, builders: builders) }
             for builder in builders {
-                try builder.finishMappings()
-                try builder.restoreMemoryLayout()
+                try PhaseTimer.measure("restore: finish mappings") { try builder.finishMappings() }
+                try PhaseTimer.measure("restore: mm layout") { try builder.restoreMemoryLayout() }
             }
             for (index, builder) in builders.enumerated() {
-                try finish(builder, metadata: metadata.processes[index], objects: objects)
+                try PhaseTimer.measure("restore: finish process") { try finish(builder, metadata: metadata.processes[index], objects: objects) }
             }
             // Nothing but the restored processes may hold the pipes now: a pipe end none of them
             // holds is closed, as it was.
             objects.close()
-            for process in made where !process.isZombie { try process.detachAll() }
+            try PhaseTimer.measure("restore: detach") { for process in made where !process.isZombie { try process.detachAll() } }
             return Result(rootPID: made[0].pid, topPID: topPID, pagesMilliseconds: pagesMilliseconds)
         } catch {
             abandon()
@@ -98,10 +100,10 @@ final class TreeBuilder {
             guard let parent = byImagePID[member.parent] else {
                 throw StasisError.restoreFailed(pid: localID(member.pid), step: "creating the process", reason: "its parent \(member.parent) is not restored before it")
             }
-            let child = try parent.fork(childPID: localID(member.pid))
+            let child = try PhaseTimer.measure("restore: fork") { try parent.fork(childPID: localID(member.pid)) }
             made.append(child)
             byImagePID[member.pid] = child
-            try child.prepareStub()
+            try PhaseTimer.measure("restore: prepare stub") { try child.prepareStub() }
             if member.session == member.pid { try child.leadSession() }
         }
         // Process groups: leaders make theirs, then the others join. A group outside the tree
@@ -158,35 +160,35 @@ final class TreeBuilder {
         let caller = builder.caller
         let scratch = builder.scratch!
         let record = metadata.process
-        try FileTableRestore.restore(metadata.files, caller: caller, objects: objects, process: process)
+        try PhaseTimer.measure("restore: files") { try FileTableRestore.restore(metadata.files, caller: caller, executor: builder.executor, scratch: scratch,
+                                                                           objects: objects, process: process) }
+        try PhaseTimer.measure("restore: limits") { try Restorer.restoreLimits(record.limits, pid: process.pid) }
+        // cwd, umask, personality and signal actions in one batch.
         scratch.reset()
-        try caller.call(.chdir, try scratch.place(cString: record.workingDirectory), what: "chdir \(record.workingDirectory)")
-        try caller.call(.umask, UInt64(record.umask))
-        try caller.call(.personality, UInt64(record.personality))
-        try Restorer.restoreLimits(record.limits, pid: process.pid)
-        try Restorer.restoreSignalActions(record.signalActions, caller: caller, scratch: scratch)
+        var calls: [StubExecutor.Call] = [
+            .init(.chdir, try scratch.place(cString: record.workingDirectory), what: "chdir \(record.workingDirectory)"),
+            .init(.umask, UInt64(record.umask), what: "umask"),
+            .init(.personality, UInt64(record.personality), what: "personality"),
+        ]
+        // The stub reset every disposition to SIG_DFL; set the ones the process had changed.
+        for action in record.signalActions {
+            let address = try scratch.place(words: [action.handler, action.flags, action.restorer, action.mask])
+            calls.append(.init(.rtSigaction, UInt64(action.signal), address, 0, 8, what: "sigaction \(action.signal)"))
+        }
+        try builder.executor.run(calls)
 
         try ThreadBuilder.createThreads(metadata.threads, process: process, caller: caller, scratch: scratch, localTID: localTID)
-        for thread in metadata.threads {
-            let tid = process.localThreads[localTID(thread)]!
-            let threadCaller = tid == process.pid ? caller
-                : try RemoteSyscaller(tracer: process.tracer, tid: tid, syscallInstruction: caller.syscallInstruction)
-            try ThreadBuilder.restoreKernelState(thread, caller: threadCaller, scratch: scratch)
-        }
-        try Restorer.queuePendingSignals(metadata, caller: caller, scratch: scratch, pid: process.localPID, localTID: localTID)
         // The parent-death signal: the root's parent is Stasis, which is about to go, so the
         // root gets none; every other process gets its own again (its parent is restored too).
+        let isRoot = process === made[0]
         for thread in metadata.threads {
-            let signal = process === made[0] ? 0 : UInt64(UInt32(bitPattern: thread.parentDeathSignal ?? 0))
             let tid = process.localThreads[localTID(thread)]!
-            if tid == process.pid {
-                try caller.call(.prctl, 1 /* PR_SET_PDEATHSIG */, signal, 0, 0, 0, what: "PR_SET_PDEATHSIG")
-            } else if signal != 0 {
-                try RemoteSyscaller(tracer: process.tracer, tid: tid, syscallInstruction: caller.syscallInstruction)
-                    .call(.prctl, 1 /* PR_SET_PDEATHSIG */, signal, 0, 0, 0, what: "PR_SET_PDEATHSIG")
-            }
+            try ThreadBuilder.restoreKernelState(thread, tid: tid, executor: builder.executor, scratch: scratch,
+                                                 parentDeathSignal: isRoot ? 0 : thread.parentDeathSignal ?? 0)
         }
-        try Restorer.restoreCredentials(record.credentials, caller: caller, scratch: scratch)
+        try Restorer.queuePendingSignals(metadata, caller: caller, scratch: scratch, pid: process.localPID, localTID: localTID)
+        try Restorer.restoreCredentials(record.credentials, executor: builder.executor, scratch: scratch)
+        try builder.executor.remove(caller: caller)
         try caller.call(.munmap, scratch.address, scratch.size, what: "drop the scratch area")
         for thread in metadata.threads {
             try ThreadBuilder.restoreCPUState(thread, tid: process.localThreads[localTID(thread)]!, tracer: process.tracer)

@@ -80,7 +80,7 @@ public enum Snapshotter {
         var earlier: [pid_t: [ProcFS.MapEntry]] = [:]
         for member in expected { earlier[member] = try? ProcFS.mappings(member) }
         try Cancellation.check()
-        let tree = try FrozenTree.freeze(root: pid, tracer: tracer)
+        let tree = try PhaseTimer.measure("freeze tree") { try FrozenTree.freeze(root: pid, tracer: tracer, pidNamespace: pidNamespace) }
         var clones: [CopyOnWriteClone] = []
         var states: [CapturedState] = []
         var preserved: [[Int: PreservedPages]] = []
@@ -89,27 +89,28 @@ public enum Snapshotter {
         let captureStart = monotonicNanoseconds()
         var cloneStart: UInt64 = 0
         do {
-            for process in tree.processes {
-                var state = try ProcessCapture.capture(process, earlierMappings: earlier[process.pid], signalsFromClone: true)
+            states = try PhaseTimer.measure("capture processes") {
+                try ProcessCapture.captureAll(tree.processes, earlierMappings: earlier, fromClone: true, namespaced: pidNamespace)
+            }
+            for (index, process) in tree.processes.enumerated() {
                 // Mappings a fork does not carry are read now, while frozen.
-                let notCarried = state.mappings.indices.filter {
-                    state.mappings[$0].flags.contains("dc") || state.mappings[$0].flags.contains("wf")
+                let notCarried = states[index].mappings.indices.filter {
+                    states[index].mappings[$0].flags.contains("dc") || states[index].mappings[$0].flags.contains("wf")
                 }
-                try ProcessCapture.planPages(&state, scanning: process.pid, indices: notCarried)
+                try ProcessCapture.planPages(&states[index], scanning: process.pid, indices: notCarried)
                 var kept: [Int: PreservedPages] = [:]
-                for index in notCarried where !state.pageRanges[index].isEmpty {
-                    kept[index] = try PreservedPages(pid: process.pid, ranges: state.pageRanges[index])
+                for mapping in notCarried where !states[index].pageRanges[mapping].isEmpty {
+                    kept[mapping] = try PreservedPages(pid: process.pid, ranges: states[index].pageRanges[mapping])
                 }
-                states.append(state)
                 preserved.append(kept)
             }
             try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
-            (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
+            (treeRecord, shared) = try PhaseTimer.measure("capture tree") { try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace) }
             try Cancellation.check()
             cloneStart = monotonicNanoseconds()
             do {
                 for (index, process) in tree.processes.enumerated() {
-                    clones.append(try CopyOnWriteClone.create(from: process, syscallInstruction: states[index].syscallInstruction))
+                    clones.append(try PhaseTimer.measure("clone") { try CopyOnWriteClone.create(from: process, syscallInstruction: states[index].syscallInstruction) })
                 }
             } catch let unavailable as CopyOnWriteClone.Unavailable {
                 // Still frozen and unchanged but for the clones made so far: drop them and finish
@@ -117,7 +118,7 @@ public enum Snapshotter {
                 for clone in clones { clone.destroy(reapInParent: true) }
                 clones = []
                 for (index, process) in tree.processes.enumerated() {
-                    try ProcessCapture.askSignalsAndBrk(&states[index], of: process.pid, tracer: tracer)
+                    try ProcessCapture.completeFromClone(&states[index], clone: process.pid, tracer: tracer)
                 }
                 var stats = try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
                                                   temporaryPath: temporaryPath, destination: destination, after: after,
@@ -125,7 +126,7 @@ public enum Snapshotter {
                 stats.fallback = "\(unavailable); the tree stayed frozen until the image was complete"
                 return stats
             }
-            try tree.release()
+            try PhaseTimer.measure("release") { try tree.release() }
         } catch {
             try? tree.release()
             for clone in clones { clone.destroy(reapInParent: true) }
@@ -136,7 +137,7 @@ public enum Snapshotter {
         do {
             let streamStart = monotonicNanoseconds()
             for (index, clone) in clones.enumerated() {
-                try ProcessCapture.askSignalsAndBrk(&states[index], of: clone.pid, tracer: tracer)
+                try ProcessCapture.completeFromClone(&states[index], clone: clone.pid, tracer: tracer)
                 let carried = states[index].mappings.indices.filter { preserved[index][$0] == nil }
                 try ProcessCapture.planPages(&states[index], scanning: clone.pid, indices: carried)
             }
@@ -198,10 +199,10 @@ public enum Snapshotter {
         try FrozenProcess.checkTraceable(pid)
         let pidNamespace = try TreeNamespace.isOwnNamespace(root: pid)
         try PipeOwnership.checkNoOutsideHolders(tree: [pid] + descendants(of: pid))
-        let tree = try FrozenTree.freeze(root: pid, tracer: tracer)
+        let tree = try FrozenTree.freeze(root: pid, tracer: tracer, pidNamespace: pidNamespace)
         do {
             let captureStart = monotonicNanoseconds()
-            var states = try tree.processes.map { try ProcessCapture.capture($0) }
+            var states = try ProcessCapture.captureAll(tree.processes, namespaced: pidNamespace)
             try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
             let (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
             return try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
