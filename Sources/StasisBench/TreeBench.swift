@@ -198,8 +198,9 @@ struct TreeFailure: Codable {
 struct TreeCleanUp {
     /// wl-tree processes started by this bench (their command line names its work directory).
     var processes = 0
-    /// cgroups a tree of this bench was in that still exist.
+    /// cgroups a tree of this bench was in that still exist, and how many there were.
     var cgroups: [String] = []
+    var cgroupsUsed = 0
     /// wl-tree processes of anyone else on the machine (not this bench's).
     var otherWorkloads = 0
 }
@@ -575,6 +576,7 @@ final class TreeRunner {
         var result = TreeCleanUp()
         result.processes = strays().count
         result.cgroups = cgroupsSeen.filter { access($0, F_OK) == 0 }.sorted()
+        result.cgroupsUsed = cgroupsSeen.count
         result.otherWorkloads = directoryNames("/proc").compactMap { pid_t($0) }.filter { pid in
             let command = readTextFile("/proc/\(pid)/cmdline", limit: 64 << 10)
             return command.contains("wl-tree") && !command.contains(work + "/") && command.contains("--report")

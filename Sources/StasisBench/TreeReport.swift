@@ -77,7 +77,7 @@ struct TreeReport {
             line("**\(failures.count) measurement\(failures.count == 1 ? "" : "s") failed** (see *Failures* below; after a failure the remaining runs of that point are skipped). The tables hold what was measured.")
         }
         line()
-        line("Every tree is `wl-tree --report FILE --procs N --threads M --mb \(plan.mebibytes)` started with `stasis run` (so it is in a cgroup of its own, as users run workloads): the parent and its N − 1 children, every one with M threads, all asleep but for a counter every 50 ms. Each point is measured \(plan.runs) times; a run takes two measurements, each on a fresh tree that has written \"ready\", in alternating order (live first in odd runs, stop-the-world first in even ones):")
+        line("Every tree is `wl-tree --report FILE --procs N --threads M --mb \(plan.mebibytes)` started with `stasis run` (so it is in a cgroup of its own, as users run workloads): the parent and its N − 1 children, every one with M threads, all asleep but for a counter every 50 ms. Each point is measured \(plan.runs) time\(plan.runs == 1 ? "" : "s"); a run takes two measurements, each on a fresh tree that has written \"ready\", in alternating order (live first in odd runs, stop-the-world first in even ones):")
         line()
         line("- **live** — `stasis snapshot ROOT -o FILE --kill --stats S.json` (the default, live mode: the tree is frozen while its state is captured and its memory made copy-on-write, then runs while the pages stream, and is killed once the image is complete), then `stasis restore FILE --detach --stats R.json`. The restored tree must have the same N PIDs under its root (walked through `/proc/PID/task/TID/children`), N × M threads (`/proc/PID/task`), the counts in both stats files, and pass wl-tree's own check (SIGUSR1: every process alive and still its parent's child, every thread advancing, the memory intact). It is then SIGKILLed, process by process, and waited for until every PID is free, and its cgroup removed.")
         line("- **stop-the-world** — `stasis snapshot ROOT -o FILE --stop-the-world --stats S.json` without `--kill`, for the freeze of the classic checkpoint: the tree stays frozen until the image is written, then runs on; it must still be whole and pass the check afterwards, and is then killed the same way.")
@@ -138,7 +138,7 @@ struct TreeReport {
         }
         line("### Clean-up")
         line()
-        line("After the run: \(cleanUp.processes) wl-tree processes of this bench still running, \(cleanUp.cgroups.count) cgroups of its trees still present\(cleanUp.cgroups.isEmpty ? "" : " (\(cleanUp.cgroups.joined(separator: ", ")))")\(cleanUp.otherWorkloads > 0 ? "; \(cleanUp.otherWorkloads) wl-tree processes of someone else's were running on the machine" : "").")
+        line("After the run: \(cleanUp.processes) wl-tree processes of this bench still running; of the \(cleanUp.cgroupsUsed) cgroups its trees were in, \(cleanUp.cgroups.count) still present\(cleanUp.cgroups.isEmpty ? "" : " (\(cleanUp.cgroups.joined(separator: ", ")))")\(cleanUp.otherWorkloads > 0 ? "; \(cleanUp.otherWorkloads) wl-tree processes of someone else's were running on the machine" : "").")
         return out.joined(separator: "\n")
     }
 
