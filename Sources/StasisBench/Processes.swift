@@ -178,7 +178,7 @@ final class Children {
             reapAvailable()
             if let exit = exited.removeValue(forKey: pid) { return exit }
             try Emergency.check()
-            if now() > deadline { throw BenchError("\(what) (pid \(pid)) did not finish within \(Int(timeoutSeconds)) s") }
+            if now() > deadline { throw BenchError("\(what) (pid \(pid)) did not finish within \(timeoutSeconds < 10 ? fmt(timeoutSeconds, 1) : String(Int(timeoutSeconds))) s") }
             usleep(pause)
             pause = min(pause * 2, 1000)
         }

@@ -82,15 +82,80 @@ struct DemoScript {
         var status: Int32 = 0
         while waitpid(restored.pid, &status, 0) < 0 && errno == EINTR {}
         restored.cgroup?.removeIfEmpty()
-        tracer.shutdown()
         guard let first = after.first else {
             throw StasisError.usage("demo: the restored process printed nothing; see \(log)")
         }
-        if first == atSnapshot + 1 {
-            say("\n✓ The count went on from \(atSnapshot) to \(first): the memory, registers and open file survived the cycle.")
-        } else {
+        guard first == atSnapshot + 1 else {
             throw StasisError.usage("demo: the count restarted at \(first), expected \(atSnapshot + 1)")
         }
+        say("   ✓ The count went on from \(atSnapshot) to \(first): the memory, registers and open file survived the cycle.\n")
+        try demoTree(directory: directory, work: work, tracer: tracer)
+        tracer.shutdown()
+    }
+
+    /// A pipeline in its own PID namespace: snapshot, kill, restore twice side by side.
+    func demoTree(directory: String, work: String, tracer: TracerThread) throws {
+        let pipe = directory + "/wl-pipe"
+        guard access(pipe, X_OK) == 0 else {
+            throw StasisError.usage("demo: the workload \(pipe) is missing; build everything with `swift build`")
+        }
+        let report = work + "/consumer.json", image = work + "/pipeline.stasis"
+        defer { unlink(report); unlink(report + ".tmp"); unlink(image) }
+        let command = "\(pipe) produce | \(pipe) filter | \(pipe) consume --report \(report)"
+        let (root, cgroup) = try Launcher.launch(["/bin/sh", "-c", command], options: .init(pidNamespace: true))
+        var roots = [root]
+        defer {
+            for pid in roots { _ = kill(pid, SIGKILL) }
+            var status: Int32 = 0
+            for pid in roots { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
+            cgroup?.removeIfEmpty()
+        }
+        say("4. A process tree: `sh -c 'wl-pipe produce | wl-pipe filter | wl-pipe consume'` started as PID \(root), PID 1 of its own PID namespace.")
+        say("   The consumer checks that every number arrives once, in order, through two pipes.")
+        usleep(1_000_000)
+        let snapshot = try Snapshotter.snapshot(pid: root, to: .file(image), mode: .live, after: .kill, tracerThread: tracer)
+        say("   Live snapshot of all \(snapshot.processes ?? 0) processes: frozen together for \(format(snapshot.freeze_ms)) ms (bytes in the pipes included), then killed.")
+        var copies: [RestoredWorkload] = []
+        for _ in 0..<2 {
+            let copy = try Restorer.restore(from: try Stasis.FileHandle.open(image, O_RDONLY), tracerThread: tracer)
+            roots.append(copy.pid)
+            copies.append(copy)
+        }
+        say("5. Restored it twice, side by side, each in a fresh PID namespace: roots \(copies.map { "PID \($0.pid)" }.joined(separator: " and ")) (\(format(copies[0].stats.restore_ms)) ms and \(format(copies[1].stats.restore_ms)) ms); inside, each has the original PIDs.")
+        for copy in copies {
+            guard let consumer = descendants(of: copy.pid).first(where: { isConsumer($0) }) else {
+                throw StasisError.usage("demo: no consumer in the copy under PID \(copy.pid)")
+            }
+            unlink(report)
+            _ = kill(consumer, SIGUSR1)
+            var text = ""
+            for _ in 0..<100 where !text.hasPrefix("{") {
+                usleep(50_000)
+                text = (try? String(decoding: readAll(report), as: UTF8.self)) ?? ""
+            }
+            guard text.contains("\"ok\":true") else { throw StasisError.usage("demo: the copy under PID \(copy.pid) reports: \(text)") }
+            let detail = text.components(separatedBy: "\"detail\":\"").last?.split(separator: "\"").first ?? ""
+            say("   copy \(copy.pid): consumer \(consumer) says \(detail)")
+            copy.cgroup?.removeIfEmpty()
+        }
+        say("\n✓ Both copies carry on from the same instant, no number lost or repeated.")
+    }
+
+    func descendants(of pid: pid_t) -> [pid_t] {
+        var result: [pid_t] = []
+        var queue = [pid]
+        while let next = queue.popLast() {
+            let text = (try? String(decoding: readAll("/proc/\(next)/task/\(next)/children"), as: UTF8.self)) ?? ""
+            let children = text.split(separator: " ").compactMap { pid_t($0) }
+            result += children
+            queue += children
+        }
+        return result
+    }
+
+    func isConsumer(_ pid: pid_t) -> Bool {
+        let words = ((try? readAll("/proc/\(pid)/cmdline")) ?? []).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        return words.contains("consume")
     }
 
     func readLinkSelf() throws -> String {

@@ -310,7 +310,13 @@ public enum Snapshotter {
         case .kill:
             let cgroup = members.first.flatMap { StasisCgroup.of(pid: $0.pid) }
             let startTimes = live.map { (try? ProcFS.stat($0.pid))?[22] }
+            // A root started by this very process (the demo, a library user) is ours to reap.
+            let rootIsOurs = live.first.map { (try? ProcFS.stat($0.pid))?[4] == "\(getpid())" } ?? false
             for member in live { _ = Glibc.kill(member.pid, SIGKILL) }
+            if rootIsOurs, let root = live.first {
+                var status: Int32 = 0
+                while waitpid(root.pid, &status, 0) < 0 && errno == EINTR {}
+            }
             // Gone, or their PIDs already reused (`snapshot --kill -o - | restore -` restores
             // them as soon as they are free).
             for (member, startTime) in zip(live, startTimes) {
