@@ -104,11 +104,12 @@ struct DemoScript {
         let command = "\(pipe) produce | \(pipe) filter | \(pipe) consume --report \(report)"
         let (root, cgroup) = try Launcher.launch(["/bin/sh", "-c", command], options: .init(pidNamespace: true))
         var roots = [root]
+        var cgroups = [cgroup]
         defer {
             for pid in roots { _ = kill(pid, SIGKILL) }
             var status: Int32 = 0
             for pid in roots { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
-            cgroup?.removeIfEmpty()
+            for cgroup in cgroups { cgroup?.removeIfEmpty() }
         }
         say("4. A process tree: `sh -c 'wl-pipe produce | wl-pipe filter | wl-pipe consume'` started as PID \(root), PID 1 of its own PID namespace.")
         say("   The consumer checks that every number arrives once, in order, through two pipes.")
@@ -118,7 +119,8 @@ struct DemoScript {
         var copies: [RestoredWorkload] = []
         for _ in 0..<2 {
             let copy = try Restorer.restore(from: try Stasis.FileHandle.open(image, O_RDONLY), tracerThread: tracer)
-            roots.append(copy.pid)
+            roots.append(copy.waitPID)
+            cgroups.append(copy.cgroup)
             copies.append(copy)
         }
         say("5. Restored it twice, side by side, each in a fresh PID namespace: roots \(copies.map { "PID \($0.pid)" }.joined(separator: " and ")) (\(format(copies[0].stats.restore_ms)) ms and \(format(copies[1].stats.restore_ms)) ms); inside, each has the original PIDs.")
@@ -136,7 +138,6 @@ struct DemoScript {
             guard text.contains("\"ok\":true") else { throw StasisError.usage("demo: the copy under PID \(copy.pid) reports: \(text)") }
             let detail = text.components(separatedBy: "\"detail\":\"").last?.split(separator: "\"").first ?? ""
             say("   copy \(copy.pid): consumer \(consumer) says \(detail)")
-            copy.cgroup?.removeIfEmpty()
         }
         say("\n✓ Both copies carry on from the same instant, no number lost or repeated.")
     }
