@@ -76,30 +76,51 @@ public enum ProcFS {
     }
 
     /// Parses one maps line; returns nil for the smaps detail lines ("Rss:   4 kB").
+    /// Byte-wise ("start-end perms offset major:minor inode   name"): this runs for every
+    /// mapping of every process while the tree is frozen.
     static func parseMapLine(_ line: Substring) -> MapEntry? {
-        var fields: [Substring] = []
-        var rest = line[...]
-        for _ in 0..<5 {
-            rest = rest.drop(while: { $0 == " " })
-            guard let space = rest.firstIndex(of: " ") else { return nil }
-            fields.append(rest[..<space])
-            rest = rest[space...]
+        let bytes = line.utf8
+        var index = bytes.startIndex
+        func skipSpaces() { while index < bytes.endIndex && bytes[index] == 0x20 { index = bytes.index(after: index) } }
+        func hex(until terminator: UInt8) -> UInt64? {
+            var value: UInt64 = 0
+            var digits = 0
+            while index < bytes.endIndex, bytes[index] != terminator {
+                let byte = bytes[index]
+                let digit: UInt64
+                switch byte {
+                case 0x30...0x39: digit = UInt64(byte - 0x30)
+                case 0x61...0x66: digit = UInt64(byte - 0x61 + 10)
+                default: return nil
+                }
+                value = value << 4 | digit
+                digits += 1
+                index = bytes.index(after: index)
+            }
+            guard digits > 0, index < bytes.endIndex else { return nil }
+            index = bytes.index(after: index)  // the terminator
+            return value
         }
-        let name = String(rest.drop(while: { $0 == " " }))
-        let range = fields[0].split(separator: "-")
-        guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16)
-        else { return nil }
-        let perms = Array(fields[1])
+        guard let start = hex(until: 0x2d /* - */), let end = hex(until: 0x20) else { return nil }
+        var perms: [UInt8] = []
+        while index < bytes.endIndex, bytes[index] != 0x20 { perms.append(bytes[index]); index = bytes.index(after: index) }
         guard perms.count == 4 else { return nil }
-        let device = fields[3].split(separator: ":")
-        guard device.count == 2, let offset = UInt64(fields[2], radix: 16),
-              let major = UInt32(device[0], radix: 16), let minor = UInt32(device[1], radix: 16),
-              let inode = UInt64(fields[4])
-        else { return nil }
+        skipSpaces()
+        guard let offset = hex(until: 0x20), let major = hex(until: 0x3a /* : */), let minor = hex(until: 0x20) else { return nil }
+        var inode: UInt64 = 0
+        var inodeDigits = 0
+        while index < bytes.endIndex, bytes[index] >= 0x30 && bytes[index] <= 0x39 {
+            inode = inode * 10 + UInt64(bytes[index] - 0x30)
+            inodeDigits += 1
+            index = bytes.index(after: index)
+        }
+        guard inodeDigits > 0 else { return nil }
+        skipSpaces()
+        let name = String(line[index...])
         return MapEntry(
-            start: start, end: end, readable: perms[0] == "r", writable: perms[1] == "w",
-            executable: perms[2] == "x", shared: perms[3] == "s", offset: offset,
-            deviceMajor: major, deviceMinor: minor, inode: inode, name: name)
+            start: start, end: end, readable: perms[0] == 0x72, writable: perms[1] == 0x77,
+            executable: perms[2] == 0x78, shared: perms[3] == 0x73, offset: offset,
+            deviceMajor: UInt32(major), deviceMinor: UInt32(minor), inode: inode, name: name)
     }
 
     /// The "Key:\tvalue" lines of /proc/PID/status (or /proc/PID/task/TID/status).
