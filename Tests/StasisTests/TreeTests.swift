@@ -88,6 +88,22 @@ struct TreeTests {
         #expect(later.ok, "\(later.detail)")
     }
 
+    @Test("a memfd mapped by a parent and its child (running as another user) stays one shared object")
+    func memfdAndCredentials() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let program = URL(fileURLWithPath: Products.pythonWorkload).deletingLastPathComponent().appendingPathComponent("py_memfd_tree.py").path
+        let workload = try VerifyingWorkload([Products.python, program], scratch: scratch, cleanup: cleanup)
+        let before = try workload.check()
+        #expect(before.ok, "\(before.detail)")
+        let image = scratch.file("memfd.stasis")
+        try cycle(workload.pid, image: image, cleanup: cleanup)
+        let after = try workload.check()
+        #expect(after.ok, "\(after.detail)")
+        #expect(after.progress > before.progress)
+        let summary = try inspect(image)
+        #expect(summary.shared_memory.count == 1 && summary.shared_memory.first?.kind == "memfd")
+    }
+
     @Test("unreaped zombies come back with their exit statuses, and their parent can still wait for them")
     func zombies() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
