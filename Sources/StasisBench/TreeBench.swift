@@ -97,7 +97,7 @@ struct TreeBench: ParsableCommand {
         endMachine.backgroundBusyPercentAtEnd = MachineInfo.busyPercent(seconds: 0.5)
 
         let report = TreeReport(
-            plan: plan, runs: runner.runs, failures: runner.failures, notes: runner.notes, cleanUp: cleanUp,
+            plan: plan, runs: runner.runs, failures: runner.failures, notes: runner.notes, busy: runner.busy, cleanUp: cleanUp,
             machine: endMachine, date: date, commit: commit, directory: currentDirectory(), arguments: CommandLine.arguments,
             stasis: config.stasis, workload: config.workload, elapsedSeconds: elapsed).markdown()
         print(report)
@@ -107,7 +107,9 @@ struct TreeBench: ParsableCommand {
                 command: CommandLine.arguments, directory: currentDirectory(), date: date, kernel: machine.kernel, commit: commit,
                 stasis: config.stasis, workload: config.workload, runs_per_point: plan.runs, mb: plan.mebibytes,
                 process_counts: plan.processCounts, thread_counts: plan.threadCounts, runs: runner.runs,
-                failures: runner.failures, notes: runner.notes, leftover_processes: cleanUp.processes,
+                failures: runner.failures, notes: runner.notes,
+                cpu_busy_percent: Dictionary(uniqueKeysWithValues: runner.busy.map { ("\($0.key.procs)x\($0.key.threads)", $0.value) }),
+                leftover_processes: cleanUp.processes,
                 leftover_cgroups: cleanUp.cgroups)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -221,6 +223,8 @@ struct TreeDocument: Encodable {
     var runs: [TreeRun]
     var failures: [TreeFailure]
     var notes: [String]
+    /// CPU busy (all processes) while each point ran, by "PROCSxTHREADS".
+    var cpu_busy_percent: [String: Double]
     var leftover_processes: Int
     var leftover_cgroups: [String]
 }
@@ -290,6 +294,8 @@ final class TreeRunner {
     private(set) var runs: [TreeRun] = []
     private(set) var failures: [TreeFailure] = []
     private(set) var notes: [String] = []
+    /// CPU busy (all processes, the bench's and stasis' own work included) while each point ran, %.
+    private(set) var busy: [TreePoint: Double] = [:]
     /// Trees that may still have processes (torn down by `finish` whatever happened).
     private var alive: [TreeProcesses] = []
     /// Every cgroup a tree of the bench was in (each must be gone at the end).
@@ -318,6 +324,11 @@ final class TreeRunner {
         }
         removeStrays()
         for point in plan.points {
+            let cpu = cpuJiffies()
+            defer {
+                let end = cpuJiffies()
+                if end.total > cpu.total { busy[point] = 100 * (end.busy - cpu.busy) / (end.total - cpu.total) }
+            }
             runs: for run in 1...plan.runs {
                 let modes: [TreeMode] = run % 2 == 1 ? [.live, .stopTheWorld] : [.stopTheWorld, .live]
                 for (index, mode) in modes.enumerated() {

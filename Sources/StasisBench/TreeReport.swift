@@ -15,6 +15,7 @@ struct TreeReport {
     var runs: [TreeRun]
     var failures: [TreeFailure]
     var notes: [String]
+    var busy: [TreePoint: Double]
     var cleanUp: TreeCleanUp
     var machine: MachineInfo
     var date: String
@@ -116,6 +117,11 @@ struct TreeReport {
         line()
         line("*snapshot / restore command ms*: the `stasis` process from spawn to exit (its start-up included). *tree start*: `stasis run` until wl-tree wrote \"ready\". *teardown*: SIGKILL of every process until the last PID was free.")
         line()
+        let busyPoints = plan.points.filter { busy[$0] != nil }
+        if !busyPoints.isEmpty {
+            line("CPU busy while each point ran (all processes: the bench's, stasis' and the trees' own work included, and anything else on the machine): " + busyPoints.map { "\($0.label) \(fmt(busy[$0]!, 0)) %" }.joined(separator: ", ") + ".")
+            line()
+        }
 
         if !failures.isEmpty {
             line("### Failures")
