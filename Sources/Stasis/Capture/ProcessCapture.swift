@@ -181,60 +181,78 @@ enum ProcessCapture {
                 parentDeathSignal: slots.readLE(Int32.self, at: base + 40))
         }
         if signalsAndBrk {
-            for (index, (frozen, _, status)) in processes.enumerated() {
-                let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
-                let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
-                (answers[index].actions, answers[index].brk) = try signalActionsAndBrk(
-                    mains[index], memory: RemoteMemory(pid: frozen.pid), scratch: scratches[index], caught: caught, ignored: ignored)
-            }
+            let found = try signalActionsAndBrk(mains, scratches: scratches, statuses: processes.map(\.status))
+            for index in answers.indices { (answers[index].actions, answers[index].brk) = found[index] }
         }
         return answers
     }
 
-    /// Asks `caller`'s process for each caught (and SIGCHLD's) disposition and its current brk;
-    /// ignored signals come from the SigIgn mask.
-    private static func signalActionsAndBrk(
-        _ caller: RemoteSyscaller, memory: RemoteMemory, scratch: UInt64, caught: UInt64, ignored: UInt64
-    ) throws -> ([SignalAction], UInt64) {
-        var actions: [SignalAction] = []
+    /// Asks each caller's process for each caught (and SIGCHLD's) disposition and its current
+    /// brk, all processes at once (one round per signal number); ignored signals come from the
+    /// SigIgn mask. `scratches[i]` is 32 writable bytes in the i-th process.
+    private static func signalActionsAndBrk(_ callers: [RemoteSyscaller], scratches: [UInt64], statuses: [[String: String]])
+        throws -> [([SignalAction], UInt64)] {
+        let caught = statuses.map { UInt64($0["SigCgt"] ?? "0", radix: 16) ?? 0 }
+        let ignored = statuses.map { UInt64($0["SigIgn"] ?? "0", radix: 16) ?? 0 }
+        var actions = [[SignalAction]](repeating: [], count: callers.count)
         for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
             let bit = UInt64(1) << UInt64(signal - 1)
-            if caught & bit != 0 || signal == SIGCHLD {
-                try caller.call(.rtSigaction, UInt64(signal), 0, scratch, 8, what: "signal \(signal)")
-                let raw = try memory.read(scratch, count: 32)
+            let asking = callers.indices.filter { caught[$0] & bit != 0 || signal == SIGCHLD }
+            let results = try RemoteSyscaller.callInEach(asking.map { callers[$0] }, .rtSigaction) { [UInt64(signal), 0, scratches[asking[$0]], 8] }
+            for (slot, index) in asking.enumerated() {
+                if results[slot] < 0 {
+                    throw RemoteCallError(call: "rtSigaction (signal \(signal))", tid: callers[index].tid, detail: String(cString: strerror(Int32(-results[slot]))))
+                }
+                let raw = try RemoteMemory(pid: callers[index].tid).read(scratches[index], count: 32)
                 let action = SignalAction(signal: signal, handler: raw.readLE(UInt64.self, at: 0),
                                           flags: raw.readLE(UInt64.self, at: 8), restorer: raw.readLE(UInt64.self, at: 16),
                                           mask: raw.readLE(UInt64.self, at: 24))
-                if action.handler != 0 || action.flags != 0 || action.mask != 0 { actions.append(action) }
-            } else if ignored & bit != 0 {
-                actions.append(SignalAction(signal: signal, handler: 1, flags: 0, restorer: 0, mask: 0))
+                if action.handler != 0 || action.flags != 0 || action.mask != 0 { actions[index].append(action) }
+            }
+            for index in callers.indices where !asking.contains(index) && ignored[index] & bit != 0 {
+                actions[index].append(SignalAction(signal: signal, handler: 1, flags: 0, restorer: 0, mask: 0))
             }
         }
-        return (actions, try caller.call(.brk, 0))
+        let breaks = try RemoteSyscaller.callInEach(callers, .brk) { _ in [0] }
+        return callers.indices.map { (actions[$0], UInt64(bitPattern: breaks[$0])) }
     }
 
     /// Fills in what `captureAll(fromClone: true)` left out — signal dispositions, the brk, and
-    /// the process record's other copied parts — from `clone`: the never-running clone, whose
-    /// copies are the process's at the freeze, or (when no clone could be made) the still-frozen
-    /// process itself. Dispositions and brk are asked through a scratch page mapped and unmapped in it.
-    static func completeFromClone(_ state: inout CapturedState, clone: pid_t, tracer: Tracer) throws {
-        try completeProcessRecord(&state.process, from: clone)
-        try askSignalsAndBrk(&state, of: clone, tracer: tracer)
-    }
-
-    private static func askSignalsAndBrk(_ state: inout CapturedState, of clone: pid_t, tracer: Tracer) throws {
-        let status = try ProcFS.status("/proc/\(clone)/status")
-        let caught = UInt64(status["SigCgt"] ?? "0", radix: 16) ?? 0
-        let ignored = UInt64(status["SigIgn"] ?? "0", radix: 16) ?? 0
-        let caller = try RemoteSyscaller(tracer: tracer, tid: clone, syscallInstruction: state.syscallInstruction)
-        defer { try? caller.finish() }
-        let scratch = try caller.call(.mmap, 0, 4096, UInt64(PROT_READ | PROT_WRITE),
-                                      UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0, what: "scratch page in the clone")
-        let (actions, brk) = try signalActionsAndBrk(caller, memory: RemoteMemory(pid: clone), scratch: scratch,
-                                                     caught: caught, ignored: ignored)
-        try caller.call(.munmap, scratch, 4096, what: "scratch page in the clone")
-        state.process.signalActions = actions
-        state.process.memoryLayout.brk = brk
+    /// the process record's other copied parts — from `clones[i]` for `states[i]`: the
+    /// never-running clones, whose copies are their processes' at the freeze, or (when no clone
+    /// could be made) the still-frozen processes themselves. Dispositions and brk are asked in
+    /// all of them at once, through a scratch page mapped and unmapped in each.
+    static func completeFromClones(_ states: inout [CapturedState], clones: [pid_t], tracer: Tracer) throws {
+        var statuses: [[String: String]] = []
+        for (index, clone) in clones.enumerated() {
+            try completeProcessRecord(&states[index].process, from: clone)
+            statuses.append(try ProcFS.status("/proc/\(clone)/status"))
+        }
+        var callers: [RemoteSyscaller] = []
+        for (index, clone) in clones.enumerated() {
+            callers.append(try RemoteSyscaller(tracer: tracer, tid: clone, syscallInstruction: states[index].syscallInstruction))
+        }
+        var scratches: [UInt64] = []
+        defer {
+            if !scratches.isEmpty {
+                _ = try? RemoteSyscaller.callInEach(Array(callers.prefix(scratches.count)), .munmap) { [scratches[$0], 4096] }
+            }
+            for caller in callers { try? caller.finish() }
+        }
+        let mapped = try RemoteSyscaller.callInEach(callers, .mmap) { _ in
+            [0, 4096, UInt64(PROT_READ | PROT_WRITE), UInt64(MAP_PRIVATE | MAP_ANONYMOUS), UInt64.max, 0]
+        }
+        for (index, result) in mapped.enumerated() {
+            if result < 0 && result > -4096 {
+                throw RemoteCallError(call: "mmap (scratch page)", tid: callers[index].tid, detail: String(cString: strerror(Int32(-result))))
+            }
+            scratches.append(UInt64(bitPattern: result))
+        }
+        let found = try signalActionsAndBrk(callers, scratches: scratches, statuses: statuses)
+        for index in states.indices {
+            states[index].process.signalActions = found[index].0
+            states[index].process.memoryLayout.brk = found[index].1
+        }
     }
 
     /// The frozen process's mappings with their VmFlags, reusing `earlier` when nothing changed.

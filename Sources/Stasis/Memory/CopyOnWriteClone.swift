@@ -102,19 +102,42 @@ final class CopyOnWriteClone {
         return clone
     }
 
-    /// Gives back the clone's copy of pages in `runs` (all in one mapping, ascending), which
-    /// have been streamed: counts those the process had already written since the clone
-    /// (they exist only in the clone), then discards the range in the clone, so that the
-    /// memory is freed and the process's next writes there need no copy.
+    /// Streamed blocks not given back yet, and how many pages they cover.
+    private var pending: [[PageRun]] = []
+    private var pendingPages: UInt64 = 0
+    /// Give back once this many streamed pages are pending (4 MiB): a small process's clone
+    /// costs no injected call for it at all (`finishStream` and `destroy` end it instead).
+    static let giveBackThreshold: UInt64 = 1024
+
+    /// Records that the pages in `runs` (all in one mapping, ascending) have been streamed. Once
+    /// 4 MiB are pending, gives them back: counts those the process had already written since
+    /// the clone (they exist only in the clone), then discards each block's range in the clone,
+    /// so that the memory is freed and the process's next writes there need no copy.
     func giveBack(_ runs: [PageRun]) throws {
-        guard let first = runs.first, let last = runs.last else { return }
-        preservedPages += try countExclusivePages(runs)
+        guard !runs.isEmpty else { return }
+        pending.append(runs)
+        pendingPages += runs.reduce(0) { $0 + $1.pages }
+        guard pendingPages >= Self.giveBackThreshold else { return }
         if syscaller == nil {
             syscaller = try RemoteSyscaller(tracer: tracer, tid: pid, syscallInstruction: syscallInstruction)
         }
-        let end = last.address + last.pages * 4096
-        try syscaller!.call(.madvise, first.address, end - first.address, 4 /* MADV_DONTNEED */,
-                            what: "give back 0x\(String(first.address, radix: 16))-0x\(String(end, radix: 16)) of clone \(pid)")
+        for block in pending {
+            preservedPages += try countExclusivePages(block)
+            let first = block.first!, last = block.last!
+            let end = last.address + last.pages * 4096
+            try syscaller!.call(.madvise, first.address, end - first.address, 4 /* MADV_DONTNEED */,
+                                what: "give back 0x\(String(first.address, radix: 16))-0x\(String(end, radix: 16)) of clone \(pid)")
+        }
+        pending.removeAll(keepingCapacity: true)
+        pendingPages = 0
+    }
+
+    /// After the clone's last block: counts the pending blocks' exclusive pages (the clone is
+    /// destroyed next, which frees them).
+    func finishStream() throws {
+        for block in pending { preservedPages += try countExclusivePages(block) }
+        pending.removeAll()
+        pendingPages = 0
     }
 
     /// Pages in `runs` that the clone maps exclusively (pagemap bit 56) and that are anonymous

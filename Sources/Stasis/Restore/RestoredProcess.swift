@@ -182,7 +182,13 @@ final class RestoredProcess {
                                             reason: result < 0 ? String(cString: strerror(Int32(-result))) : "the kernel gave PID \(result)")
         }
         let process = RestoredProcess(pid: child, localPID: childPID, tracer: tracer, isChildOfStasis: false)
-        do { try process.waitForFirstStop(child) } catch {
+        do {
+            try process.waitForFirstStop(child)
+            // The child is a copy of this stub as it is now: the same vDSO and its own private
+            // copy of the scratch page, at the same addresses. It is ready to fork in turn.
+            process.stubCaller = try RemoteSyscaller(tracer: tracer, tid: child, syscallInstruction: caller.syscallInstruction)
+            process.stubScratch = RemoteScratch(address: scratch.address, size: scratch.size, pid: child)
+        } catch {
             process.abandon()
             throw error
         }

@@ -4,7 +4,8 @@ import Glibc
 /// Rebuilds a whole tree on the tracer thread, in the order the kernel's rules impose:
 ///
 /// 1. the stubs, parents before children — each child is forked by its own parent's stub (an
-///    injected clone3 with set_tid), so parent links are real; a session leader calls setsid
+///    injected clone3 with set_tid, from a stub already cleared of Stasis's memory, so each child
+///    is born ready to fork its own), so parent links are real; a session leader calls setsid
 ///    before it forks the children that share its session; then process groups (leaders first);
 ///    then zombies exit with their recorded status, and their parents' SIGCHLD is taken back;
 /// 2. each process's address space (shared memory mapped from the objects Stasis holds);
@@ -103,7 +104,6 @@ final class TreeBuilder {
             let child = try PhaseTimer.measure("restore: fork") { try parent.fork(childPID: localID(member.pid)) }
             made.append(child)
             byImagePID[member.pid] = child
-            try PhaseTimer.measure("restore: prepare stub") { try child.prepareStub() }
             if member.session == member.pid { try child.leadSession() }
         }
         // Process groups: leaders make theirs, then the others join. A group outside the tree

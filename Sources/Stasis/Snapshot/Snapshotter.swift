@@ -117,9 +117,7 @@ public enum Snapshotter {
                 // as a stop-the-world snapshot. Ask each process what its clone would have told.
                 for clone in clones { clone.destroy(reapInParent: true) }
                 clones = []
-                for (index, process) in tree.processes.enumerated() {
-                    try ProcessCapture.completeFromClone(&states[index], clone: process.pid, tracer: tracer)
-                }
+                try ProcessCapture.completeFromClones(&states, clones: tree.processes.map(\.pid), tracer: tracer)
                 var stats = try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
                                                   temporaryPath: temporaryPath, destination: destination, after: after,
                                                   start: start, captureStart: captureStart)
@@ -136,40 +134,47 @@ public enum Snapshotter {
         let preservedBytes = preserved.reduce(UInt64(0)) { total, kept in kept.values.reduce(total) { $0 + UInt64($1.byteCount) } }
         do {
             let streamStart = monotonicNanoseconds()
+            try PhaseTimer.measure("stream: complete from clones") {
+                try ProcessCapture.completeFromClones(&states, clones: clones.map(\.pid), tracer: tracer)
+            }
             for (index, clone) in clones.enumerated() {
-                try ProcessCapture.completeFromClone(&states[index], clone: clone.pid, tracer: tracer)
                 let carried = states[index].mappings.indices.filter { preserved[index][$0] == nil }
-                try ProcessCapture.planPages(&states[index], scanning: clone.pid, indices: carried)
+                try PhaseTimer.measure("stream: plan pages") { try ProcessCapture.planPages(&states[index], scanning: clone.pid, indices: carried) }
             }
             let writer = try ImageWriter(sink: sink)
             try writeRecords(treeRecord, states, shared, to: writer)
-            // The clones' own memory is sampled (smaps_rollup walks their page tables, ~13 ms/GiB)
-            // at most every 200 ms, and once after the last block.
+            // Each clone's own memory is sampled (smaps_rollup walks its page tables, ~13 ms/GiB)
+            // at most every 200 ms while it streams, and once after; the peak is the largest sum
+            // of the clones' latest samples. Each clone goes as soon as its pages are out: it
+            // is killed and its zombie reaped inside its process.
+            var extra = [UInt64](repeating: 0, count: clones.count)
             var peakExtra: UInt64 = 0
             var lastSample: UInt64 = 0
-            func sample() -> UInt64 { clones.reduce(0) { $0 + $1.extraBytes() } }
             var zeroPages: UInt64 = 0
+            var cleanupStop: UInt64 = 0
             for (index, clone) in clones.enumerated() {
                 try writer.writeRecord(.processPages, ProcessPagesRecord(pid: states[index].process.pid))
                 let dumper = PageDumper(source: clone.pid)
                 dumper.afterBlock = { runs in
                     let now = monotonicNanoseconds()
                     if now - lastSample > 200_000_000 {
-                        peakExtra = max(peakExtra, sample())
+                        extra[index] = clone.extraBytes()
+                        peakExtra = max(peakExtra, extra.reduce(0, +))
                         lastSample = now
                     }
-                    try clone.giveBack(runs)
+                    try PhaseTimer.measure("stream: give back") { try clone.giveBack(runs) }
                 }
-                try dumper.dump(states[index], preserved: preserved[index], to: writer)
+                try PhaseTimer.measure("stream: dump") { try dumper.dump(states[index], preserved: preserved[index], to: writer) }
                 zeroPages += dumper.zeroPagesSkipped
+                extra[index] = clone.extraBytes()
+                peakExtra = max(peakExtra, extra.reduce(0, +))
+                extra[index] = 0
+                try clone.finishStream()
+                cleanupStop = max(cleanupStop, PhaseTimer.measure("stream: destroy clone") { clone.destroy(reapInParent: after != .kill) })
             }
-            peakExtra = max(peakExtra, sample())
             let trailer = try writer.finish()
             try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
             let streamEnd = monotonicNanoseconds()
-            // The image is complete: the clones go, and their zombies are reaped inside the processes.
-            var cleanupStop: UInt64 = 0
-            for clone in clones { cleanupStop = max(cleanupStop, clone.destroy(reapInParent: after != .kill)) }
             try finishTree(tree.members, after: after)
             return SnapshotStats(
                 mode: .live,
