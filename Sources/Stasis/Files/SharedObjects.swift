@@ -78,7 +78,17 @@ final class SharedObjects {
             guard let target = pipes[data.object]?.write ?? fifoKeepers[data.object] else {
                 throw StasisError.usage("image corrupt: data for pipe \(data.object), which the tree record does not list")
             }
-            try Array(data.bytes).withUnsafeBytes { try target.writeAll($0.baseAddress!, count: $0.count) }
+            // Non-blocking while it is filled (nobody reads it yet: a pipe too small must fail,
+            // not hang); the descriptions handed out later set their own flags.
+            let flags = try checked(stasis_fcntl(target.rawValue, F_GETFL, 0), "fcntl(F_GETFL)", target.name)
+            _ = try checked(stasis_fcntl(target.rawValue, F_SETFL, flags | Int(O_NONBLOCK)), "fcntl(F_SETFL)", target.name)
+            defer { _ = stasis_fcntl(target.rawValue, F_SETFL, flags) }
+            do {
+                try Array(data.bytes).withUnsafeBytes { try target.writeAll($0.baseAddress!, count: $0.count) }
+            } catch {
+                throw StasisError.restoreFailed(pid: tree.root, step: "refilling \(target.name) with the \(data.bytes.count) bytes it held at offset \(data.offset)",
+                                                reason: "\(error) (a pipe can hold at most /proc/sys/fs/pipe-max-size bytes here)")
+            }
         case .sharedMemory:
             guard let fd = sharedMemory[data.object] else {
                 throw StasisError.usage("image corrupt: data for shared memory \(data.object), which the tree record does not list")
