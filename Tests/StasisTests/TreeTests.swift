@@ -291,6 +291,43 @@ struct TreeTests {
         #expect([try ProcessCondition(pid), try ProcessCondition(python)] == before, "the tree must be left exactly as it was")
     }
 
+    @Test("an image of format 1.x (one process, no tree record) still restores")
+    func formatOneImage() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let workload = try VerifyingWorkload([Products.path("wl-threads"), "--threads", "2"], scratch: scratch, cleanup: cleanup)
+        let current = scratch.file("v2.stasis"), old = scratch.file("v1.stasis")
+        let snap = try stasis("snapshot", "\(workload.pid)", "-o", current, "--kill")
+        try #require(snap.succeeded, "\(snap.stderr)")
+        // Rewrite it the way format 1.0 laid it out: the process section, its page blocks, the end
+        // record; no tree, object-data or process-pages records, no fd descriptions; major 1.
+        let reader = try ImageReader(source: try Stasis.FileHandle.open(current, O_RDONLY))
+        let metadata = try TreeMetadata.read(from: reader)
+        try #require(metadata.processes.count == 1)
+        let section = metadata.processes[0]
+        let writer = try ImageWriter(sink: try Stasis.FileHandle.open(old, O_WRONLY | O_CREAT | O_TRUNC, permissions: 0o600))
+        try writer.writeRecord(.process, section.process)
+        for thread in section.threads { try writer.writeRecord(.thread, thread) }
+        try writer.writeRecord(.mappings, MappingTable(mappings: section.mappings))
+        var files = section.files
+        for index in files.descriptors.indices { files.descriptors[index].description = nil }
+        try writer.writeRecord(.files, files)
+        while let item = try reader.next() {
+            if case let .pages(runs, data) = item { try writer.writePageBlock(runs: runs, data: data.baseAddress!) }
+        }
+        try writer.finish()
+        var bytes = Array(FileManager.default.contents(atPath: old)!)
+        bytes[8] = 1; bytes[9] = 0
+        let crc = bytes.withUnsafeBytes { crc32c($0.baseAddress, 28) }
+        withUnsafeBytes(of: crc.littleEndian) { for (offset, byte) in $0.enumerated() { bytes[28 + offset] = byte } }
+        try Data(bytes).write(to: URL(fileURLWithPath: old))
+        #expect(try inspect(old).format_version == "1.0")
+        let restore = try stasis("restore", old, "--detach")
+        try #require(restore.succeeded, "\(restore.stderr)")
+        cleanup.track(workload.pid)
+        let after = try workload.check()
+        #expect(after.ok, "\(after.detail)")
+    }
+
     @Test("a pipe shared with a process outside the tree is refused before anything is frozen")
     func pipeToOutside() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()

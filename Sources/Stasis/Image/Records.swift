@@ -147,6 +147,8 @@ public struct MappingRecord: Codable, Sendable, Equatable {
 
 public struct MappingTable: Codable, Sendable {
     public var mappings: [MappingRecord]
+
+    public init(mappings: [MappingRecord]) { self.mappings = mappings }
 }
 
 /// The kind of an open file description.
