@@ -291,6 +291,37 @@ struct TreeTests {
         #expect([try ProcessCondition(pid), try ProcessCondition(python)] == before, "the tree must be left exactly as it was")
     }
 
+    @Test("SIGTERM while a tree's image streams: discarded, every process exactly as before, every clone gone")
+    func treeDiscarded() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        // Five processes of 8 MiB each: far more than the 1 MiB pipe nobody reads.
+        let workload = try VerifyingWorkload([Products.path("wl-tree"), "--procs", "5", "--mb", "8"], scratch: scratch, cleanup: cleanup)
+        let members = treeOf(workload.pid)
+        try #require(members.count == 5)
+        let before = try members.map { try ProcessCondition($0) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Products.stasis)
+        process.arguments = ["snapshot", "\(workload.pid)", "-o", "-"]
+        let output = Pipe(), errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let header = output.fileHandleForReading.readData(ofLength: 8)
+        #expect(String(decoding: header, as: UTF8.self) == "STASISIM")
+        usleep(200_000)
+        kill(process.processIdentifier, SIGTERM)
+        try waitUntil(20, "stasis to exit") { !process.isRunning }
+        #expect(process.terminationStatus != 0)
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(message.contains("cancelled") && message.contains("discarded"), "\(message)")
+        try waitUntil(20, "every process to be released as it was") {
+            (try? members.map { try ProcessCondition($0) }) == before
+        }
+        let report = try workload.check()
+        #expect(report.ok, "\(report.detail)")
+    }
+
     @Test("an image of format 1.x (one process, no tree record) still restores")
     func formatOneImage() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
