@@ -203,3 +203,38 @@ long long budget_left(struct wait_budget *b) {
     b->left -= d;
     return b->left > 0 ? b->left : 0;
 }
+
+void note_failure(struct failure_note *n, const char *fmt, ...) {
+    atomic_fetch_add(&n->count, 1);
+    if (atomic_load_explicit(&n->set, memory_order_relaxed))
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(n->text, sizeof n->text, fmt, ap);
+    va_end(ap);
+    atomic_store_explicit(&n->set, 1, memory_order_release);
+}
+
+const char *failure_text(struct failure_note *n) {
+    return atomic_load_explicit(&n->set, memory_order_acquire) ? n->text : NULL;
+}
+
+pid_t spawn_child(pid_t parent, void (*body)(int), int arg) {
+    pid_t p = fork();
+    if (p == 0) {
+        child_setup(parent);
+        body(arg);
+        _exit(1);
+    }
+    return p;
+}
+
+ssize_t read_small_file(const char *path, char *buf, size_t cap) {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, cap - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    return (ssize_t)n;
+}

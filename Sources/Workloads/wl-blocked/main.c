@@ -48,7 +48,6 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -72,12 +71,10 @@
 // Counters and the first failure of one role; written by that role only.
 struct role {
     _Atomic uint64_t count;
-    _Atomic uint64_t failures;
     _Atomic uint64_t extra;   // A: last seq read; B: EINTRs; thread 1: timeouts
     _Atomic int pdeathsig;    // children: PR_GET_PDEATHSIG, -1 before the first look
     _Atomic int started;
-    _Atomic int failed;       // set (release) once msg is written
-    char msg[256];
+    struct failure_note fail;
 } __attribute__((aligned(64)));
 
 struct shared {              // MAP_SHARED, so that the children's writes reach the parent
@@ -94,18 +91,6 @@ static volatile sig_atomic_t got_usr1;
 static pthread_mutex_t gen_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gen_cv;   // initialised for CLOCK_MONOTONIC in main
 static uint64_t generation;     // under gen_mu
-
-static void role_fail(struct role *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void role_fail(struct role *r, const char *fmt, ...) {
-    atomic_fetch_add(&r->failures, 1);
-    if (atomic_load_explicit(&r->failed, memory_order_relaxed))
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(r->msg, sizeof r->msg, fmt, ap);
-    va_end(ap);
-    atomic_store_explicit(&r->failed, 1, memory_order_release);
-}
 
 static long long mono_ns(void) {
     struct timespec ts;
@@ -145,18 +130,19 @@ static _Noreturn void reader_main(int fd) {
         if (n == 0 || (n > 0 && n < (ssize_t)sizeof msg))
             _exit(0); // EOF: the parent is gone
         if (n < 0) {
-            role_fail(r, "reader (pid %d): read: %s", (int)getpid(), strerror(errno));
+            note_failure(&r->fail, "reader (pid %d): read: %s", (int)getpid(), strerror(errno));
             sleep_ms(100);
             continue;
         }
         if (msg[1] != (msg[0] ^ MSG_MAGIC)) { // counted, but the sequence goes on from the last good one
-            role_fail(r, "reader (pid %d): corrupt message after seq %" PRIu64 ": {0x%" PRIx64 ", 0x%" PRIx64 "}",
-                      (int)getpid(), last, msg[0], msg[1]);
+            note_failure(&r->fail,
+                         "reader (pid %d): corrupt message after seq %" PRIu64 ": {0x%" PRIx64 ", 0x%" PRIx64 "}",
+                         (int)getpid(), last, msg[0], msg[1]);
             continue;
         }
         if (msg[0] != last + 1)
-            role_fail(r, "reader (pid %d): expected seq %" PRIu64 ", read %" PRIu64 " (%s)", (int)getpid(), last + 1,
-                      msg[0], msg[0] > last + 1 ? "messages lost" : "messages repeated");
+            note_failure(&r->fail, "reader (pid %d): expected seq %" PRIu64 ", read %" PRIu64 " (%s)", (int)getpid(),
+                         last + 1, msg[0], msg[0] > last + 1 ? "messages lost" : "messages repeated");
         last = msg[0];
         atomic_store(&r->extra, last);
         atomic_fetch_add(&r->count, 1);
@@ -183,13 +169,14 @@ static _Noreturn void sleeper_main(void) {
         long intr = sleep_fully((long long)SLEEP_S * 1000000000LL);
         long long took = mono_ns() - t0;
         if (intr < 0) {
-            role_fail(r, "sleeper (pid %d): nanosleep: %s", (int)getpid(), strerror(errno));
+            note_failure(&r->fail, "sleeper (pid %d): nanosleep: %s", (int)getpid(), strerror(errno));
             sleep_ms(100);
             continue;
         }
         atomic_fetch_add(&r->extra, (uint64_t)intr);
         if (took < (long long)SLEEP_S * 1000000000LL)
-            role_fail(r, "sleeper (pid %d): sleep %" PRIu64 " of %d s lasted only %lld.%09lld s of CLOCK_MONOTONIC "
+            note_failure(&r->fail,
+                         "sleeper (pid %d): sleep %" PRIu64 " of %d s lasted only %lld.%09lld s of CLOCK_MONOTONIC "
                          "(%ld EINTRs)", (int)getpid(), k, SLEEP_S, took / 1000000000LL, took % 1000000000LL, intr);
         atomic_fetch_add(&r->count, 1);
         note_pdeathsig(r);
@@ -220,7 +207,7 @@ static void *waiter_main(void *arg) {
                 r = pthread_cond_wait(&gen_cv, &gen_mu);
             }
             if (r != 0) {
-                role_fail(&waiter, "waiter thread: pthread_cond_%swait: %s", k & 1 ? "clock" : "", strerror(r));
+                note_failure(&waiter.fail, "waiter thread: pthread_cond_%swait: %s", k & 1 ? "clock" : "", strerror(r));
                 pthread_mutex_unlock(&gen_mu);
                 sleep_ms(100);
                 pthread_mutex_lock(&gen_mu);
@@ -239,7 +226,7 @@ static void *reaper_main(void *arg) {
         long long t0 = mono_ms();
         pid_t c = fork();
         if (c < 0) {
-            role_fail(&reaper, "reaper thread: fork: %s", strerror(errno));
+            note_failure(&reaper.fail, "reaper thread: fork: %s", strerror(errno));
             sleep_ms(1000);
             continue;
         }
@@ -257,15 +244,17 @@ static void *reaper_main(void *arg) {
         while (r < 0 && errno == EINTR);
         long long took = mono_ms() - t0;
         if (r != c) {
-            role_fail(&reaper, "reaper thread: waitpid(%d): %s", (int)c, r < 0 ? strerror(errno) : "returned another pid");
+            note_failure(&reaper.fail, "reaper thread: waitpid(%d): %s", (int)c,
+                         r < 0 ? strerror(errno) : "returned another pid");
             sleep_ms(1000);
         } else if (!WIFEXITED(st) || WEXITSTATUS(st) != C_STATUS) {
             char s[96];
             describe_status(st, s, sizeof s);
-            role_fail(&reaper, "reaper thread: child C (pid %d) %s, expected exit status %d", (int)c, s, C_STATUS);
+            note_failure(&reaper.fail, "reaper thread: child C (pid %d) %s, expected exit status %d", (int)c, s,
+                         C_STATUS);
         } else if (took < C_SLEEP_MS) {
-            role_fail(&reaper, "reaper thread: child C (pid %d) exited %lld ms after the fork; it sleeps %d ms",
-                      (int)c, took, C_SLEEP_MS);
+            note_failure(&reaper.fail, "reaper thread: child C (pid %d) exited %lld ms after the fork; it sleeps %d ms",
+                         (int)c, took, C_SLEEP_MS);
         } else {
             atomic_fetch_add(&reaper.count, 1);
         }
@@ -356,9 +345,11 @@ static void report(const char *path, const struct counters *base) {
     if (sleeper_dead)
         detail_add(&d, "sleeper B (pid %d) is gone: %s", (int)sleeper_pid, sleeper_why);
     struct role *roles[] = {&sh->reader, &sh->sleeper, &waiter, &reaper};
-    for (int i = 0; i < 4; i++)
-        if (atomic_load_explicit(&roles[i]->failed, memory_order_acquire))
-            detail_add(&d, "%s (%" PRIu64 " failures)", roles[i]->msg, atomic_load(&roles[i]->failures));
+    for (int i = 0; i < 4; i++) {
+        const char *first = failure_text(&roles[i]->fail);
+        if (first)
+            detail_add(&d, "%s (%" PRIu64 " failures)", first, atomic_load(&roles[i]->fail.count));
+    }
     if (write_failures)
         detail_add(&d, "%s (%" PRIu64 " failures)", write_problems.text, write_failures);
     struct counters now = snapshot();
@@ -403,16 +394,11 @@ static void kill_children(void) {
 }
 
 static pid_t fork_child(void (*body)(int), int arg) {
-    pid_t p = fork();
+    pid_t p = spawn_child(parent_pid, body, arg);
     if (p < 0) {
         perror("wl-blocked: fork");
         kill_children();
         exit(1);
-    }
-    if (p == 0) {
-        child_setup(parent_pid);
-        body(arg);
-        _exit(1);
     }
     return p;
 }

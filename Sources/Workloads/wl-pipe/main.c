@@ -118,28 +118,52 @@ static int get_u64(const char **p, const char *end, uint64_t *out) {
     return 0;
 }
 
-// Writes a whole buffer to stdout; a reader that went away (EPIPE) ends the process quietly.
-static void out_all(const char *role, const char *buf, size_t len) {
-    if (write_all(STDOUT_FILENO, buf, len) == 0)
+// Writes the *len bytes of buf to stdout (full-write loop) and empties it (*len = 0). A
+// reader that went away (EPIPE) ends the process quietly (exit 0), another error with 1.
+static void flush_out(const char *role, const char *buf, size_t *len) {
+    if (write_all(STDOUT_FILENO, buf, *len) == 0) {
+        *len = 0;
         return;
+    }
     if (errno == EPIPE)
         _exit(0);
     fprintf(stderr, "wl-pipe %s: write: %s\n", role, strerror(errno));
     _exit(1);
 }
 
+// Splits a byte stream into lines across reads. A line is kept in buf without its
+// newline; a line longer than cap keeps its first cap bytes and is marked too_long.
+struct line_splitter {
+    char *buf;
+    size_t cap, len;
+    int too_long;
+};
+
+// Feeds the `got` bytes of `in`: calls fn(line, len, too_long) for every line completed
+// by a newline, in order; a partial last line stays in s for the next call.
+static void split_lines(struct line_splitter *s, const char *in, ssize_t got,
+                        void (*fn)(const char *line, size_t len, int too_long)) {
+    for (ssize_t i = 0; i < got; i++) {
+        char c = in[i];
+        if (c == '\n') {
+            fn(s->buf, s->len, s->too_long);
+            s->len = 0;
+            s->too_long = 0;
+        } else if (s->len < s->cap) {
+            s->buf[s->len++] = c;
+        } else {
+            s->too_long = 1;
+        }
+    }
+}
+
 // ---- produce ---------------------------------------------------------------------------
 static char pbuf[CHUNK];
 static size_t plen;
 
-static void produce_flush(void) {
-    out_all("produce", pbuf, plen);
-    plen = 0;
-}
-
 static void produce_line(uint64_t n) {
     if (plen + 21 > sizeof pbuf)
-        produce_flush();
+        flush_out("produce", pbuf, &plen);
     plen += put_u64(pbuf + plen, n);
     pbuf[plen++] = '\n';
 }
@@ -151,7 +175,7 @@ static int produce(long rate) {
         for (;;) {
             produce_line(++n);
             if (n % PRODUCE_BATCH == 0) {
-                produce_flush();
+                flush_out("produce", pbuf, &plen);
                 sleep_ms(1);
             }
         }
@@ -169,7 +193,7 @@ static int produce(long rate) {
         while (n < due)
             produce_line(++n);
         if (plen)
-            produce_flush();
+            flush_out("produce", pbuf, &plen);
         sleep_ms(10);
     }
 }
@@ -177,15 +201,12 @@ static int produce(long rate) {
 // ---- filter ----------------------------------------------------------------------------
 static char fout[FILTER_OUT];
 static size_t flen;
+static uint64_t filter_lines; // K: lines read so far
 
-static void filter_flush(void) {
-    out_all("filter", fout, flen);
-    flen = 0;
-}
-
-static void filter_line(const char *s, size_t len, int too_long, uint64_t k) {
+static void filter_line(const char *s, size_t len, int too_long) {
+    uint64_t k = ++filter_lines;
     if (flen + 64 > sizeof fout)
-        filter_flush();
+        flush_out("filter", fout, &flen);
     const char *p = s, *end = s + len;
     uint64_t n;
     if (too_long || len > 40 || get_u64(&p, end, &n) != 0 || p != end) {
@@ -206,9 +227,7 @@ static int filter(void) {
     plain_signals();
     static char in[CHUNK];
     char line[48];
-    size_t llen = 0;
-    int too_long = 0;
-    uint64_t k = 0;
+    struct line_splitter split = {line, sizeof line, 0, 0};
     for (;;) {
         ssize_t got = read(STDIN_FILENO, in, sizeof in);
         if (got < 0) {
@@ -218,23 +237,12 @@ static int filter(void) {
             return 1;
         }
         if (got == 0) { // producer gone; a partial last line is dropped
-            filter_flush();
+            flush_out("filter", fout, &flen);
             return 0;
         }
-        for (ssize_t i = 0; i < got; i++) {
-            char c = in[i];
-            if (c == '\n') {
-                filter_line(line, llen, too_long, ++k);
-                llen = 0;
-                too_long = 0;
-            } else if (llen < sizeof line) {
-                line[llen++] = c;
-            } else {
-                too_long = 1;
-            }
-        }
+        split_lines(&split, in, got, filter_line);
         if (flen)
-            filter_flush();
+            flush_out("filter", fout, &flen);
     }
 }
 
@@ -321,8 +329,8 @@ static int consume(const char *path) {
 
     static char in[CHUNK];
     char line[MAX_LINE];
-    size_t llen = 0;
-    int too_long = 0, ready = 0, stopped = 0, pending = 0;
+    struct line_splitter split = {line, sizeof line, 0, 0};
+    int ready = 0, stopped = 0, pending = 0;
     uint64_t baseline = 0; // last N when the pending report was asked for
     unsigned paced = 0;
     struct wait_budget budget;
@@ -359,23 +367,12 @@ static int consume(const char *path) {
         }
         if (got == 0) {
             failure("EOF on stdin after N=%" PRIu64 " (the filter is gone)%s", last_n,
-                    llen ? ", with a partial line" : "");
+                    split.len ? ", with a partial line" : "");
             stopped = 1;
             continue;
         }
         uint64_t before = lines;
-        for (ssize_t i = 0; i < got; i++) {
-            char c = in[i];
-            if (c == '\n') {
-                consume_line(line, llen, too_long);
-                llen = 0;
-                too_long = 0;
-            } else if (llen < sizeof line) {
-                line[llen++] = c;
-            } else {
-                too_long = 1;
-            }
-        }
+        split_lines(&split, in, got, consume_line);
         if (!ready && lines > 0) {
             if (write_atomic(path, "ready\n") != 0) {
                 perror("wl-pipe consume: writing ready");

@@ -44,7 +44,6 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -69,10 +68,8 @@
 struct slot {
     _Atomic uint64_t count;    // this worker's increments; written only under the mutex
     _Atomic uint64_t passes;   // check passes done
-    _Atomic uint64_t failures;
     _Atomic int pdeathsig;     // PR_GET_PDEATHSIG at the last pass (-1 before the first)
-    _Atomic int failed;        // set (release) once msg is written
-    char msg[256];
+    struct failure_note fail;
 } __attribute__((aligned(64)));
 
 struct shared {
@@ -112,18 +109,6 @@ static void describe_word(char *out, size_t cap, uint64_t v, uint64_t page) {
 }
 
 // ---- worker ---------------------------------------------------------------------------
-static void worker_fail(struct slot *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void worker_fail(struct slot *s, const char *fmt, ...) {
-    atomic_fetch_add(&s->failures, 1);
-    if (atomic_load_explicit(&s->failed, memory_order_relaxed))
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(s->msg, sizeof s->msg, fmt, ap);
-    va_end(ap);
-    atomic_store_explicit(&s->failed, 1, memory_order_release);
-}
-
 static void check_pass(int i, struct slot *s, uint64_t gen) {
     int bad_tag = 0, bad_pattern = 0;
     uint64_t probe = 1 + gen % (WORDS - 1);
@@ -133,17 +118,18 @@ static void check_pass(int i, struct slot *s, uint64_t gen) {
         if (v != want && !bad_tag++) {
             char what[160];
             describe_word(what, sizeof what, v, j);
-            worker_fail(s, "worker %d (pid %d), private page %" PRIu64 ": expected its own tag (generation %" PRIu64
-                           "), found %s", i, (int)getpid(), j, gen, what);
+            note_failure(&s->fail,
+                         "worker %d (pid %d), private page %" PRIu64 ": expected its own tag (generation %" PRIu64
+                         "), found %s", i, (int)getpid(), j, gen, what);
         }
         page[0] = tag((uint64_t)i, gen + 1, j);
         uint64_t words[2] = {1, probe};
         for (int k = 0; k < 2; k++) {
             uint64_t w = j * WORDS + words[k];
             if (page[words[k]] != pattern(w) && !bad_pattern++)
-                worker_fail(s, "worker %d (pid %d), private page %" PRIu64 " word %" PRIu64
-                               ": expected the inherited pattern 0x%016" PRIx64 ", found 0x%016" PRIx64,
-                            i, (int)getpid(), j, words[k], pattern(w), page[words[k]]);
+                note_failure(&s->fail, "worker %d (pid %d), private page %" PRIu64 " word %" PRIu64
+                                       ": expected the inherited pattern 0x%016" PRIx64 ", found 0x%016" PRIx64,
+                             i, (int)getpid(), j, words[k], pattern(w), page[words[k]]);
         }
     }
     int sig = -1;
@@ -156,8 +142,8 @@ static _Noreturn void worker(int i) {
     struct slot *s = &sh->slot[i];
     for (uint64_t w = 0; w < PRIV_BYTES / 8; w++)
         if (priv[w] != pattern(w)) {
-            worker_fail(s, "worker %d (pid %d): inherited private word %" PRIu64 " is 0x%016" PRIx64
-                           ", expected 0x%016" PRIx64, i, (int)getpid(), w, priv[w], pattern(w));
+            note_failure(&s->fail, "worker %d (pid %d): inherited private word %" PRIu64 " is 0x%016" PRIx64
+                                   ", expected 0x%016" PRIx64, i, (int)getpid(), w, priv[w], pattern(w));
             break;
         }
     for (uint64_t j = 0; j < PAGES; j++)
@@ -166,10 +152,10 @@ static _Noreturn void worker(int i) {
     for (uint64_t k = 1;; k++) {
         int r = pthread_mutex_lock(&sh->mu);
         if (r == EOWNERDEAD) {
-            worker_fail(s, "worker %d (pid %d): the mutex's previous owner died holding it", i, (int)getpid());
+            note_failure(&s->fail, "worker %d (pid %d): the mutex's previous owner died holding it", i, (int)getpid());
             pthread_mutex_consistent(&sh->mu);
         } else if (r != 0) {
-            worker_fail(s, "worker %d (pid %d): pthread_mutex_lock: %s", i, (int)getpid(), strerror(r));
+            note_failure(&s->fail, "worker %d (pid %d): pthread_mutex_lock: %s", i, (int)getpid(), strerror(r));
             sleep_ms(100);
             continue;
         }
@@ -179,7 +165,7 @@ static _Noreturn void worker(int i) {
                               memory_order_relaxed);
         r = pthread_mutex_unlock(&sh->mu);
         if (r != 0)
-            worker_fail(s, "worker %d (pid %d): pthread_mutex_unlock: %s", i, (int)getpid(), strerror(r));
+            note_failure(&s->fail, "worker %d (pid %d): pthread_mutex_unlock: %s", i, (int)getpid(), strerror(r));
         if (k % PASS_EVERY == 0) {
             if (getppid() != parent_pid) // the parent died and PR_SET_PDEATHSIG did not fire
                 _exit(1);
@@ -255,8 +241,9 @@ static void report(const char *path, const uint64_t *baseline, uint64_t *prev_co
     }
     for (int i = 0; i < nworkers; i++) {
         struct slot *s = &sh->slot[i];
-        if (atomic_load_explicit(&s->failed, memory_order_acquire))
-            detail_add(&d, "%s (%" PRIu64 " failures)", s->msg, atomic_load(&s->failures));
+        const char *first = failure_text(&s->fail);
+        if (first)
+            detail_add(&d, "%s (%" PRIu64 " failures)", first, atomic_load(&s->fail.count));
         uint64_t c = atomic_load(&s->count);
         if (c <= baseline[i])
             detail_add(&d, "worker %d (pid %d) made no progress in 2 s (count stuck at %" PRIu64 ")", i,
@@ -371,15 +358,11 @@ int main(int argc, char **argv) {
     sigset_t old;
     install_report_signals(on_signal, &old);
     for (int i = 0; i < nworkers; i++) {
-        pid_t p = fork();
+        pid_t p = spawn_child(parent_pid, worker, i);
         if (p < 0) {
             perror("wl-shared: fork");
             kill_workers();
             return 1;
-        }
-        if (p == 0) {
-            child_setup(parent_pid);
-            worker(i);
         }
         pids[i] = p;
         forked = i + 1;

@@ -27,7 +27,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -60,9 +59,7 @@ struct worker {
     unsigned mxcsr;
     unsigned short fpucw;
     _Atomic uint64_t iters;
-    _Atomic uint64_t failures;
-    _Atomic int failed;  // set (release) after detail is written
-    char detail[320];
+    struct failure_note fail;
 } __attribute__((aligned(64)));
 
 static struct worker *workers;
@@ -150,18 +147,6 @@ __attribute__((noinline)) static int run_sse2(struct fpstate *s, long count) {
 }
 
 // ---- worker -------------------------------------------------------------------
-static void fail_once(struct worker *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail_once(struct worker *w, const char *fmt, ...) {
-    atomic_fetch_add(&w->failures, 1);
-    if (atomic_load_explicit(&w->failed, memory_order_relaxed))
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->detail, sizeof w->detail, fmt, ap);
-    va_end(ap);
-    atomic_store_explicit(&w->failed, 1, memory_order_release);
-}
-
 // Check the stored accumulators against n; resync them if they are wrong.
 static void check_state(struct worker *w, int lanes, int asm_failed) {
     struct fpstate *s = &w->st;
@@ -172,16 +157,17 @@ static void check_state(struct worker *w, int lanes, int asm_failed) {
             double want = s->base[r][l] + nd * s->inc[l];
             if (s->acc[r][l] != want) {
                 if (!bad)
-                    fail_once(w, "thread %d (tid %d): %s%d lane %d at iteration %llu: expected %.17g got %.17g",
-                              w->idx, (int)w->tid, lanes == 4 ? "ymm" : "xmm", r, l,
-                              (unsigned long long)s->n, want, s->acc[r][l]);
+                    note_failure(&w->fail,
+                                 "thread %d (tid %d): %s%d lane %d at iteration %llu: expected %.17g got %.17g",
+                                 w->idx, (int)w->tid, lanes == 4 ? "ymm" : "xmm", r, l,
+                                 (unsigned long long)s->n, want, s->acc[r][l]);
                 bad = 1;
                 s->acc[r][l] = want;
             }
         }
     if (asm_failed && !bad) // the asm saw a mismatch the stored values no longer show
-        fail_once(w, "thread %d (tid %d): in-register check failed at iteration %llu",
-                  w->idx, (int)w->tid, (unsigned long long)s->n);
+        note_failure(&w->fail, "thread %d (tid %d): in-register check failed at iteration %llu",
+                     w->idx, (int)w->tid, (unsigned long long)s->n);
 }
 
 static void *worker_main(void *arg) {
@@ -207,22 +193,22 @@ static void *worker_main(void *arg) {
         check_state(w, lanes, f);
         atomic_store_explicit(&w->iters, w->st.n, memory_order_release);
         if (tls_magic != magic_for(w->idx) || tls_self != w) {
-            fail_once(w, "thread %d (tid %d): TLS magic 0x%llx self %p, expected 0x%llx self %p", w->idx,
-                      (int)w->tid, (unsigned long long)tls_magic, tls_self, (unsigned long long)magic_for(w->idx),
-                      (void *)w);
+            note_failure(&w->fail, "thread %d (tid %d): TLS magic 0x%llx self %p, expected 0x%llx self %p", w->idx,
+                         (int)w->tid, (unsigned long long)tls_magic, tls_self, (unsigned long long)magic_for(w->idx),
+                         (void *)w);
             tls_magic = magic_for(w->idx);
             tls_self = w;
         }
         pid_t now = gettid();
         if (now != w->tid)
-            fail_once(w, "thread %d: gettid() is %d, was %d at start", w->idx, (int)now, (int)w->tid);
+            note_failure(&w->fail, "thread %d: gettid() is %d, was %d at start", w->idx, (int)now, (int)w->tid);
         unsigned m;
         unsigned short cw;
         __asm__ volatile("stmxcsr %0" : "=m"(m));
         __asm__ volatile("fnstcw %0" : "=m"(cw));
         if (m != w->mxcsr || cw != w->fpucw) {
-            fail_once(w, "thread %d (tid %d): MXCSR 0x%x expected 0x%x, x87 CW 0x%x expected 0x%x", w->idx,
-                      (int)w->tid, m, w->mxcsr, cw, w->fpucw);
+            note_failure(&w->fail, "thread %d (tid %d): MXCSR 0x%x expected 0x%x, x87 CW 0x%x expected 0x%x", w->idx,
+                         (int)w->tid, m, w->mxcsr, cw, w->fpucw);
             __asm__ volatile("ldmxcsr %0" ::"m"(w->mxcsr));
             __asm__ volatile("fldcw %0" ::"m"(w->fpucw));
         }
@@ -265,8 +251,9 @@ static void report(const char *path, uint64_t checks) {
         if (it == start[i])
             ADD("thread %d (tid %d) made no progress in 2 s (stuck at %llu); ", i, (int)w->tid,
                 (unsigned long long)it);
-        if (atomic_load_explicit(&w->failed, memory_order_acquire))
-            ADD("%s (%llu failures); ", w->detail, (unsigned long long)atomic_load(&w->failures));
+        const char *first = failure_text(&w->fail);
+        if (first)
+            ADD("%s (%llu failures); ", first, (unsigned long long)atomic_load(&w->fail.count));
         char p[64];
         struct stat st;
         snprintf(p, sizeof p, "/proc/self/task/%d", (int)w->tid);

@@ -40,7 +40,6 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -71,9 +70,7 @@ struct proc {
     _Atomic int threads_up;
     _Atomic int pdeathsig;         // at the last check; -1 before
     _Atomic uint64_t check_ack;    // generation of the last check done
-    _Atomic uint64_t failures;
-    _Atomic int failed;            // set (release) once msg is written
-    char msg[200];
+    struct failure_note fail;
 } __attribute__((aligned(64)));
 
 static struct header *hdr;
@@ -93,18 +90,6 @@ static uint64_t tag(uint64_t proc, uint64_t page) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
-}
-
-static void proc_fail(struct proc *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void proc_fail(struct proc *r, const char *fmt, ...) {
-    atomic_fetch_add(&r->failures, 1);
-    if (atomic_load_explicit(&r->failed, memory_order_relaxed))
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(r->msg, sizeof r->msg, fmt, ap);
-    va_end(ap);
-    atomic_store_explicit(&r->failed, 1, memory_order_release);
 }
 
 // ---- every process --------------------------------------------------------------------
@@ -142,15 +127,16 @@ static void self_check(int p) {
     for (size_t j = 0; j < mem_pages; j++) {
         uint64_t v = memory[j * (PAGE / 8)];
         if (v != tag((uint64_t)p, j)) {
-            proc_fail(r, "process %d (pid %d): page %zu of its %ld MiB holds 0x%016" PRIx64 ", expected 0x%016" PRIx64,
-                      p, (int)getpid(), j, mb, v, tag((uint64_t)p, j));
+            note_failure(&r->fail,
+                         "process %d (pid %d): page %zu of its %ld MiB holds 0x%016" PRIx64 ", expected 0x%016" PRIx64,
+                         p, (int)getpid(), j, mb, v, tag((uint64_t)p, j));
             break;
         }
     }
     int tasks = count_tasks();
     if (tasks != nthreads)
-        proc_fail(r, "process %d (pid %d): /proc/self/task has %d entries, expected %d threads", p, (int)getpid(),
-                  tasks, nthreads);
+        note_failure(&r->fail, "process %d (pid %d): /proc/self/task has %d entries, expected %d threads", p,
+                     (int)getpid(), tasks, nthreads);
     if (p > 0) {
         int sig = -1;
         prctl(PR_GET_PDEATHSIG, &sig);
@@ -260,8 +246,9 @@ static void report(const char *path, uint64_t req, const uint64_t *base) {
     uint64_t progress = 0;
     for (int p = 0; p < nprocs; p++) {
         struct proc *r = &procs[p];
-        if (atomic_load_explicit(&r->failed, memory_order_acquire) && failed++ < MAX_LISTED)
-            detail_add(&d, "%s (%" PRIu64 " failures)", r->msg, atomic_load(&r->failures));
+        const char *first = failure_text(&r->fail);
+        if (first && failed++ < MAX_LISTED)
+            detail_add(&d, "%s (%" PRIu64 " failures)", first, atomic_load(&r->fail.count));
         for (int t = 0; t < nthreads; t++) {
             size_t i = (size_t)p * (size_t)nthreads + (size_t)t;
             uint64_t c = atomic_load(&counters[i]);
@@ -354,15 +341,11 @@ int main(int argc, char **argv) {
     sigset_t old;
     install_report_signals(on_signal, &old); // blocked until the parent's threads exist
     for (int p = 1; p < nprocs; p++) {
-        pid_t c = fork();
+        pid_t c = spawn_child(parent_pid, child_main, p);
         if (c < 0) {
             perror("wl-tree: fork");
             kill_children();
             return 1;
-        }
-        if (c == 0) {
-            child_setup(parent_pid);
-            child_main(p);
         }
         pids[p] = c;
         forked = p;

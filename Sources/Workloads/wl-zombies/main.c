@@ -90,12 +90,8 @@ static void describe_want(const struct child *k, char *out, size_t cap) {
 static int proc_state(pid_t pid, char *state, pid_t *ppid) {
     char p[64], buf[1024];
     snprintf(p, sizeof p, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(p, "r");
-    if (!f)
+    if (read_small_file(p, buf, sizeof buf) < 0)
         return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
     char *close = strrchr(buf, ')'); // the command name may contain anything
     int pp;
     if (!close || sscanf(close + 1, " %c %d", state, &pp) != 2)
@@ -135,12 +131,8 @@ static int check_zombie(const struct child *k, int idx, struct detail *d) {
 static int check_children_file(struct detail *d) {
     char p[64], buf[8192];
     snprintf(p, sizeof p, "/proc/%d/task/%d/children", (int)getpid(), (int)getpid());
-    FILE *f = fopen(p, "r");
-    if (!f)
+    if (read_small_file(p, buf, sizeof buf) < 0)
         return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
     int listed[MAXCHILDREN + 1] = {0};
     char *save = NULL;
     for (char *t = strtok_r(buf, " \n", &save); t; t = strtok_r(NULL, " \n", &save)) {

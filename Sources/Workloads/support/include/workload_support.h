@@ -3,7 +3,9 @@
 #ifndef WORKLOAD_SUPPORT_H
 #define WORKLOAD_SUPPORT_H
 #include <signal.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /// Sleeps one step of `ms` milliseconds; a signal (EINTR) just ends it early.
@@ -72,5 +74,29 @@ struct wait_budget {
 void budget_start(struct wait_budget *b, long long ms);
 /// Milliseconds left (0 once spent).
 long long budget_left(struct wait_budget *b);
+
+/// The first failure of one role (a thread, or a process writing into MAP_SHARED memory)
+/// and how many it had, for the process that reports. Zero-initialised = no failure.
+/// One writer per note: note_failure counts every call and keeps only the first message;
+/// the message is complete before `set` is stored (release), so a reader that sees it
+/// through failure_text (acquire) reads the whole text. The atomics are lock-free, so a
+/// note in MAP_SHARED memory works across processes.
+struct failure_note {
+    _Atomic uint64_t count; // failures so far
+    _Atomic int set;        // 1 once text holds the first one
+    char text[256];         // the first failure's message (truncated to fit)
+};
+void note_failure(struct failure_note *n, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/// The first failure's message, or NULL if no failure was noted yet.
+const char *failure_text(struct failure_note *n);
+
+/// fork()s a child that runs child_setup(parent) and then body(arg), and _exit(1)s should
+/// body return. Only async-signal-safe work happens in the child before body, so this is
+/// fine in a process with threads. Returns the child's PID, or -1 with errno set.
+pid_t spawn_child(pid_t parent, void (*body)(int), int arg);
+
+/// Reads the start of a small file (a /proc one, typically) into `buf`, at most cap - 1
+/// bytes, and NUL-terminates it. Returns the length, or -1 if the file cannot be opened.
+ssize_t read_small_file(const char *path, char *buf, size_t cap);
 
 #endif
