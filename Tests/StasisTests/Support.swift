@@ -160,10 +160,11 @@ final class VerifyingWorkload {
     let pid: pid_t
     let reportPath: String
 
-    /// Starts `command` (which must accept `--report PATH`) through `stasis run` and waits for it to be ready.
-    init(_ command: [String], scratch: ScratchDirectory, cleanup: Cleanup, stdout: String? = nil) throws {
+    /// Starts `command` (which must accept `--report PATH`) through `stasis run` (with `runOptions`)
+    /// and waits for it to be ready.
+    init(_ command: [String], scratch: ScratchDirectory, cleanup: Cleanup, stdout: String? = nil, runOptions: [String] = []) throws {
         reportPath = scratch.file("report-\(UUID().uuidString.prefix(6)).json")
-        var arguments = ["run"]
+        var arguments = ["run"] + runOptions
         if let stdout { arguments += ["--stdout", stdout, "--stderr", stdout] }
         let result = try runCommand([Products.stasis] + arguments + ["--"] + command + ["--report", reportPath])
         guard result.succeeded, let pid = pid_t(result.stdout.trimmed) else {

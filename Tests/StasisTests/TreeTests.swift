@@ -211,6 +211,27 @@ struct TreeTests {
         }
     }
 
+    @Test("threads of a process in its own PID namespace keep their TIDs inside it, and their register state")
+    func threadsInNamespace() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let workload = try VerifyingWorkload([Products.path("wl-threads"), "--threads", "4"], scratch: scratch, cleanup: cleanup,
+                                             runOptions: ["--pidns"])
+        let before = try workload.check()
+        #expect(before.ok, "\(before.detail)")
+        #expect(before.pid == 1, "it sees itself as PID 1")
+        let image = scratch.file("threads-ns.stasis")
+        let snap = try stasis("snapshot", "\(workload.pid)", "-o", image, "--kill")
+        try #require(snap.succeeded, "\(snap.stderr)")
+        let restore = try stasis("restore", image, "--detach")
+        try #require(restore.succeeded, "\(restore.stderr)")
+        let root = try #require(pid_t(restore.stdout.trimmed))
+        cleanup.track(root)
+        let after = try workload.check(pid: root)
+        #expect(after.ok, "\(after.detail)")
+        #expect(after.tids == before.tids, "TIDs inside the namespace")
+        #expect(after.progress > before.progress)
+    }
+
     @Test("restore --pidns puts an ordinary tree into a fresh namespace with its original PIDs inside")
     func restoreIntoNamespace() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
