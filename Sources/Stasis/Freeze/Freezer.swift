@@ -35,21 +35,42 @@ public final class FrozenProcess {
     /// or, with `onlyOneThread`, just one live thread (the main thread if it still runs), which
     /// is enough to issue system calls on the process's behalf.
     public static func freeze(pid: pid_t, tracer: Tracer, onlyOneThread: Bool = false) throws -> FrozenProcess {
+        let frozen = try beginFreeze(pid: pid, tracer: tracer, onlyOneThread: onlyOneThread)
+        try frozen.completeFreeze()
+        return frozen
+    }
+
+    /// The first half of `freeze`: checks the process and asks every thread listed now to stop
+    /// (seize and interrupt), without waiting. Freezing many processes, Stasis begins them all
+    /// and then completes each, so that their stops overlap. On failure, what was attached is
+    /// released before the error is thrown.
+    static func beginFreeze(pid: pid_t, tracer: Tracer, onlyOneThread: Bool = false) throws -> FrozenProcess {
         try checkTraceable(pid)
         let frozen = FrozenProcess(pid: pid, tracer: tracer)
         frozen.onlyOneThread = onlyOneThread
         do {
-            try frozen.stopAllThreads()
-            for tid in frozen.threads {
-                frozen.originalMasks[tid] = try tracer.signalMask(tid)
-                frozen.frozenRegisters[tid] = try tracer.registers(tid)
-                try tracer.setSignalMask(tid, ~0)
-            }
+            _ = try frozen.attachListedThreads()
         } catch {
             frozen.releaseAfterFailure()
             throw error
         }
         return frozen
+    }
+
+    /// The second half of `freeze`: waits until every thread is stopped (catching threads created
+    /// meanwhile), then records masks and registers and blocks every signal.
+    func completeFreeze() throws {
+        do {
+            try stopAllThreads()
+            for tid in threads {
+                originalMasks[tid] = try tracer.signalMask(tid)
+                frozenRegisters[tid] = try tracer.registers(tid)
+                try tracer.setSignalMask(tid, ~0)
+            }
+        } catch {
+            releaseAfterFailure()
+            throw error
+        }
     }
 
     static func checkTraceable(_ pid: pid_t) throws {
@@ -71,43 +92,52 @@ public final class FrozenProcess {
         }
     }
 
+    /// Threads attached, stopped, and the order they were found in (while freezing).
+    private var attached = Set<pid_t>()
+    private var stopped = Set<pid_t>()
+    private var order: [pid_t] = []
+
+    /// Lists the threads and seizes and interrupts those not attached yet. Returns false when
+    /// nothing new was listed and every attached thread has stopped (the freeze is complete).
+    private func attachListedThreads() throws -> Bool {
+        var listed: [pid_t]
+        do { listed = try ProcFS.threadIDs(pid) } catch { throw StasisError.noSuchProcess(pid: pid) }
+        if onlyOneThread {
+            if !order.isEmpty { return false }
+            let live = listed.filter { tid in
+                !((try? ProcFS.status("/proc/\(pid)/task/\(tid)/status"))?["State"]?.hasPrefix("Z") ?? true)
+            }
+            guard let chosen = live.contains(pid) ? pid : live.first else { throw StasisError.noSuchProcess(pid: pid) }
+            listed = [chosen]
+        }
+        let fresh = listed.filter { !attached.contains($0) }
+        if fresh.isEmpty && stopped == attached { return false }
+        for tid in fresh {
+            do {
+                try tracer.seize(tid, options: onlyOneThread ? Int32(STASIS_PTRACE_O_TRACESYSGOOD) : Self.seizeOptions)
+            } catch let error as SystemCallError where error.errno == .noSuchProcess {
+                continue  // the thread exited between listing and seizing
+            } catch let error as SystemCallError where error.errno == .notPermitted {
+                throw StasisError.notTraceable(pid: pid, reason: "ptrace(PTRACE_SEIZE) of tid \(tid) was refused (\(error.errno))")
+            }
+            if frozenAt == 0 { frozenAt = monotonicNanoseconds() }
+            attached.insert(tid)
+            order.append(tid)
+            do {
+                try tracer.interrupt(tid)
+            } catch let error as SystemCallError where error.errno == .noSuchProcess {
+                continue  // it exited after the seize; waitUntilStopped sees the exit
+            }
+        }
+        return true
+    }
+
     private func stopAllThreads() throws {
-        var attached = Set<pid_t>()
-        var stopped = Set<pid_t>()
-        var order: [pid_t] = []
         while true {
-            var listed: [pid_t]
-            do { listed = try ProcFS.threadIDs(pid) } catch { throw StasisError.noSuchProcess(pid: pid) }
-            if onlyOneThread {
-                if !order.isEmpty { break }
-                let live = listed.filter { tid in
-                    !((try? ProcFS.status("/proc/\(pid)/task/\(tid)/status"))?["State"]?.hasPrefix("Z") ?? true)
-                }
-                guard let chosen = live.contains(pid) ? pid : live.first else { throw StasisError.noSuchProcess(pid: pid) }
-                listed = [chosen]
-            }
-            let fresh = listed.filter { !attached.contains($0) }
-            if fresh.isEmpty && stopped == attached { break }
-            for tid in fresh {
-                do {
-                    try tracer.seize(tid, options: onlyOneThread ? Int32(STASIS_PTRACE_O_TRACESYSGOOD) : Self.seizeOptions)
-                } catch let error as SystemCallError where error.errno == .noSuchProcess {
-                    continue  // the thread exited between listing and seizing
-                } catch let error as SystemCallError where error.errno == .notPermitted {
-                    throw StasisError.notTraceable(pid: pid, reason: "ptrace(PTRACE_SEIZE) of tid \(tid) was refused (\(error.errno))")
-                }
-                if frozenAt == 0 { frozenAt = monotonicNanoseconds() }
-                attached.insert(tid)
-                order.append(tid)
-                do {
-                    try tracer.interrupt(tid)
-                } catch let error as SystemCallError where error.errno == .noSuchProcess {
-                    continue  // it exited after the seize; waitUntilStopped sees the exit
-                }
-            }
             for tid in order where attached.contains(tid) && !stopped.contains(tid) {
                 try waitUntilStopped(tid, attached: &attached, stopped: &stopped, order: &order)
             }
+            if try !attachListedThreads() { break }
         }
         threads = order.filter { attached.contains($0) }
         if onlyOneThread {

@@ -62,33 +62,56 @@ public final class FrozenTree {
                 for process in processes { found += try Self.children(of: process.pid) }
                 if found.allSatisfy({ known.contains($0) }) { return }
             }
+            // Every new child is asked to stop before any is waited for: their stops overlap.
+            // A begun process is released only once its threads have stopped (a seized thread
+            // can be detached only in a stop): on failure, the rest are completed, then released.
+            var begun: [FrozenProcess] = []
+            func abandon(_ rest: ArraySlice<FrozenProcess>) {
+                for other in rest {
+                    try? other.completeFreeze()
+                    try? other.release()
+                }
+            }
             for child in found where known.insert(child).inserted {
-                try adopt(child)
+                do {
+                    if let process = try begin(child) { begun.append(process) }
+                } catch {
+                    abandon(begun[...])
+                    throw error
+                }
+            }
+            for (index, process) in begun.enumerated() {
+                do {
+                    try process.completeFreeze()
+                } catch {
+                    abandon(begun[(index + 1)...])
+                    throw error
+                }
+                processes.append(process)
+                members.append(try member(process.pid, isRoot: false, zombie: nil))
             }
         }
     }
 
-    /// Freezes a newly found child, or records it as a zombie.
-    private func adopt(_ pid: pid_t) throws {
+    /// Begins freezing a newly found child (see `FrozenProcess.beginFreeze`), or records it as
+    /// a zombie and returns nil.
+    private func begin(_ pid: pid_t) throws -> FrozenProcess? {
         if let zombie = Self.zombieStatus(pid) {
             members.append(try member(pid, isRoot: false, zombie: zombie))
-            return
+            return nil
         }
-        let frozen: FrozenProcess
         do {
-            frozen = try FrozenProcess.freeze(pid: pid, tracer: tracer)
+            return try FrozenProcess.beginFreeze(pid: pid, tracer: tracer)
         } catch let error as StasisError {
             // It exited between the listing and the freeze: its parent is frozen, so it is a
             // zombie now (or gone, if its parent ignores SIGCHLD).
-            if case .noSuchProcess = error { return }
+            if case .noSuchProcess = error { return nil }
             if case .notTraceable = error, let zombie = Self.zombieStatus(pid) {
                 members.append(try member(pid, isRoot: false, zombie: zombie))
-                return
+                return nil
             }
             throw error
         }
-        processes.append(frozen)
-        members.append(try member(pid, isRoot: false, zombie: nil))
     }
 
     /// The child processes of every thread of `pid`.
