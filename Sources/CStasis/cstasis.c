@@ -17,6 +17,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/sched.h>
+#include <linux/btrfs.h>
+#include <linux/fs.h>
+#include <sys/vfs.h>
 
 static long negErrno(long result) { return result == -1 ? -errno : result; }
 
@@ -503,4 +506,39 @@ long stasis_spawn_plain(const char *path, char *const argv[], char *const envp[]
     error = posix_spawn(&child, path, NULL, &attributes, argv, envp);
     posix_spawnattr_destroy(&attributes);
     return error ? -error : child;
+}
+
+// MARK: filesystem snapshots
+
+long stasis_syncfs(int fd) { return negErrno(syncfs(fd)); }
+
+long stasis_ficlone(int destinationFD, int sourceFD) { return negErrno(ioctl(destinationFD, FICLONE, sourceFD)); }
+
+long stasis_copy_file_range(int from, int to, size_t length) {
+    return negErrno(copy_file_range(from, NULL, to, NULL, length, 0));
+}
+
+long stasis_statfs_type(int fd, int64_t *type) {
+    struct statfs info;
+    long result = negErrno(fstatfs(fd, &info));
+    if (result == 0) *type = (int64_t)info.f_type;
+    return result;
+}
+
+long stasis_btrfs_snapshot(int sourceFD, int parentDirFD, const char *name, int readOnly) {
+    struct btrfs_ioctl_vol_args_v2 args;
+    memset(&args, 0, sizeof args);
+    args.fd = sourceFD;
+    args.flags = readOnly ? BTRFS_SUBVOL_RDONLY : 0;
+    if (strlen(name) > BTRFS_SUBVOL_NAME_MAX) return -ENAMETOOLONG;
+    strncpy(args.name, name, BTRFS_SUBVOL_NAME_MAX);
+    return negErrno(ioctl(parentDirFD, BTRFS_IOC_SNAP_CREATE_V2, &args));
+}
+
+long stasis_btrfs_destroy_subvolume(int parentDirFD, const char *name) {
+    struct btrfs_ioctl_vol_args args;
+    memset(&args, 0, sizeof args);
+    if (strlen(name) > BTRFS_PATH_NAME_MAX) return -ENAMETOOLONG;
+    strncpy(args.name, name, BTRFS_PATH_NAME_MAX);
+    return negErrno(ioctl(parentDirFD, BTRFS_IOC_SNAP_DESTROY, &args));
 }

@@ -27,6 +27,8 @@ struct Snapshot: ParsableCommand {
     var stopTheWorld = false
     @Option(help: "Write measurements (freeze_ms, stream_ms, cow_pages, peak_extra_bytes, …) as JSON to this file.")
     var stats: String?
+    @Option(name: .customLong("fs"), help: ArgumentHelp("A directory whose contents belong to the snapshot, kept at the instant of the freeze (btrfs snapshot, reflink copy, or plain copy); restore rolls it back. Repeatable.", valueName: "path"))
+    var filesystems: [String] = []
 
     func validate() throws {
         if stop && kill { throw ValidationError("--stop and --kill exclude each other") }
@@ -43,9 +45,13 @@ struct Snapshot: ParsableCommand {
         Cancellation.interruptBlockingCalls(of: tracer)
         do {
             let destination: ImageDestination = output == "-" ? .descriptor(.standardOutput) : .file(output)
+            let capture = filesystems.isEmpty ? nil : try FilesystemCapture(paths: filesystems, root: pid)
+            for target in capture?.targets ?? [] where target.mechanism == .copy {
+                FileHandle.standardError.write(line: "stasis: warning: --fs \(target.path) is on \(target.filesystemType), which has neither snapshots nor reflinks: it is copied byte by byte while the tree is frozen, so the freeze grows with its data")
+            }
             let result = try Snapshotter.snapshot(
                 pid: pid, to: destination, mode: stopTheWorld ? .stopTheWorld : .live,
-                after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer)
+                after: kill ? .kill : (stop ? .stop : .run), tracerThread: tracer, filesystems: capture)
             if let fallback = result.fallback { FileHandle.standardError.write(line: "stasis: warning: \(fallback)") }
             if let stats { try writeJSON(result, to: stats) }
         } catch { fail(error) }

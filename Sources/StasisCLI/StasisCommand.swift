@@ -7,7 +7,7 @@ struct StasisCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stasis",
         abstract: "Snapshot running Linux processes to an image and restore them exactly where they were.",
-        subcommands: [Run.self, Snapshot.self, Restore.self, Inspect.self, Demo.self])
+        subcommands: [Run.self, Snapshot.self, Restore.self, Inspect.self, Filesystems.self, Demo.self])
 }
 
 /// Prints an error the way every command does: one line on stderr, then exit 1.

@@ -164,6 +164,21 @@ long stasis_pipe2(int fds[2], int flags);
 long stasis_mmap_shared_anonymous(uint64_t size, uint64_t *address);
 long stasis_munmap(uint64_t address, uint64_t size);
 
+// MARK: filesystem snapshots
+
+long stasis_syncfs(int fd);
+/// ioctl(FICLONE): makes `destinationFD`'s file share `sourceFD`'s extents (a reflink copy).
+long stasis_ficlone(int destinationFD, int sourceFD);
+/// copy_file_range from the current offsets; returns bytes copied (0 at the end) or -errno.
+long stasis_copy_file_range(int from, int to, size_t length);
+/// fstatfs: the filesystem's magic number (f_type).
+long stasis_statfs_type(int fd, int64_t *type);
+/// BTRFS_IOC_SNAP_CREATE_V2: a snapshot of the subvolume open at `sourceFD`, named `name` in
+/// the directory open at `parentDirFD` (read-only if `readOnly`).
+long stasis_btrfs_snapshot(int sourceFD, int parentDirFD, const char *name, int readOnly);
+/// BTRFS_IOC_SNAP_DESTROY: deletes the subvolume `name` in the directory open at `parentDirFD`.
+long stasis_btrfs_destroy_subvolume(int parentDirFD, const char *name);
+
 // MARK: cancellation
 
 /// Installs a handler for `signo` (without SA_RESTART, so blocking calls return EINTR) that

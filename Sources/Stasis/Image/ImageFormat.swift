@@ -6,7 +6,8 @@ public enum ImageFormat {
     /// 2: process trees (tree, object-data and process-pages records).
     public static let majorVersion: UInt16 = 2
     /// Compatible additions bump the minor version.
-    public static let minorVersion: UInt16 = 0
+    /// 2.1: the tree record's `filesystems` (directories captured with `--fs`).
+    public static let minorVersion: UInt16 = 1
     /// The majors this build reads: 1 (one process, no tree record) and 2.
     public static let readableMajorVersions: ClosedRange<UInt16> = 1...2
     public static let headerSize = 32

@@ -89,6 +89,8 @@ public struct TreeRecord: Codable, Sendable {
     public var pipes: [PipeRecord]
     public var sharedMemory: [SharedMemoryRecord]
     public var descriptions: [OpenFileDescription]
+    /// The directories captured with `--fs` (format 2.1; absent before).
+    public var filesystems: [FilesystemSnapshotRecord]?
 
     /// The members that have a process section (every one but the zombies), in image order.
     public var liveMembers: [TreeMember] { members.filter { $0.zombie == nil } }
@@ -134,4 +136,28 @@ public struct ObjectData: Sendable {
 /// record belongs to the process with this PID (as in its process record).
 public struct ProcessPagesRecord: Codable, Sendable {
     public var pid: Int32
+}
+
+/// How the contents of a directory named with `snapshot --fs` were kept.
+public enum FilesystemMechanism: String, Codable, Sendable {
+    /// A read-only btrfs snapshot of the subvolume (constant time).
+    case btrfsSnapshot
+    /// A copy whose files share their extents with the originals (FICLONE), on xfs or btrfs.
+    case reflink
+    /// A plain copy of every byte (time grows with the data).
+    case copy
+}
+
+/// One directory whose contents belong to a snapshot, kept at the instant of the freeze.
+public struct FilesystemSnapshotRecord: Codable, Sendable, Equatable {
+    /// The filesystem snapshot's ID, shared by every directory of one `stasis snapshot`
+    /// (`stasis fs list`, `stasis fs drop ID`).
+    public var id: String
+    /// The directory, as an absolute path without symbolic links.
+    public var path: String
+    public var mechanism: FilesystemMechanism
+    /// Where the kept contents are (on the same filesystem as `path`).
+    public var store: String
+    /// The filesystem's type (btrfs, xfs, ext4, …).
+    public var filesystemType: String
 }

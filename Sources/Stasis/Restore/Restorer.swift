@@ -65,7 +65,13 @@ public enum Restorer {
             }
         }
         _ = spool
-        try preflight(metadata, newNamespace: newNamespace)
+        let kept = metadata.tree.filesystems ?? []
+        try FilesystemSnapshots.checkKept(kept)
+        try preflightIDs(metadata, newNamespace: newNamespace)
+        // The `--fs` directories go back to the instant of the freeze before anything runs; the
+        // files in them are then the kept ones (new inodes, the same sizes and times).
+        for record in kept { try FilesystemSnapshots.rollBack(record) }
+        for process in metadata.processes { try preflight(process, rolledBack: kept) }
         let cgroup = useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "\(root.pid)") : nil
         do {
             let cgroupHandle = try cgroup?.open()
@@ -121,36 +127,39 @@ public enum Restorer {
     }
 
     /// Checks, before creating anything, that the restore can succeed as far as can be known.
-    static func preflight(_ tree: TreeMetadata, newNamespace: Bool) throws {
+    /// Outside a new namespace, every PID and TID must be free.
+    static func preflightIDs(_ tree: TreeMetadata, newNamespace: Bool) throws {
         if !newNamespace {
             let ids = tree.tree.members.map(\.pid) + tree.processes.flatMap { $0.threads.map(\.tid) }
             for tid in Set(ids).sorted() where pathExists("/proc/\(tid)") && !vanishesSoon(tid) {
                 throw StasisError.pidTaken(pid: tid, by: describeProcess(tid))
             }
         }
-        for process in tree.processes { try preflight(process) }
     }
 
-    static func preflight(_ metadata: ImageMetadata) throws {
+    /// Every mapped file and the executable must be the file of the snapshot (in a rolled-back
+    /// `--fs` directory: the same size and modification time); every regular fd path must exist.
+    static func preflight(_ metadata: ImageMetadata, rolledBack: [FilesystemSnapshotRecord] = []) throws {
         var checked = Set<String>()
         for mapping in metadata.mappings {
             guard let identity = mapping.fileIdentity, checked.insert(mapping.name).inserted else { continue }
-            try checkSameFile(mapping.name, identity)
+            try checkSameFile(mapping.name, identity, sameInode: !FilesystemSnapshots.isUnder(mapping.name, rolledBack))
         }
         if let identity = metadata.process.executableIdentity, checked.insert(metadata.process.executable).inserted {
-            try checkSameFile(metadata.process.executable, identity)
+            try checkSameFile(metadata.process.executable, identity,
+                              sameInode: !FilesystemSnapshots.isUnder(metadata.process.executable, rolledBack))
         }
         for record in metadata.files.descriptors where record.kind == .regular && !pathExists(record.path) {
             throw StasisError.fileChanged(path: record.path, reason: "(fd \(record.fd)) no longer exists")
         }
     }
 
-    static func checkSameFile(_ path: String, _ identity: FileIdentity) throws {
+    static func checkSameFile(_ path: String, _ identity: FileIdentity, sameInode: Bool = true) throws {
         let now: FileIdentity
         do { now = try FileIdentity.of(path) } catch {
             throw StasisError.fileChanged(path: path, reason: "is mapped by the process but cannot be opened now: \(error)")
         }
-        if now.device != identity.device || now.inode != identity.inode {
+        if sameInode && (now.device != identity.device || now.inode != identity.inode) {
             throw StasisError.fileChanged(path: path, reason: "was replaced by another file since the snapshot (inode \(identity.inode) → \(now.inode))")
         }
         if now.size != identity.size || now.modifiedNanoseconds != identity.modifiedNanoseconds {

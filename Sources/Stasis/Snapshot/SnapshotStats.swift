@@ -47,4 +47,10 @@ public struct SnapshotStats: Codable, Sendable {
     public var shared_bytes: UInt64?
     /// Set when a live snapshot had to be taken stop-the-world instead, and why.
     public var fallback: String?
+    /// How long keeping the `--fs` directories kept the tree frozen, ms (0 without `--fs`).
+    public var fs_ms: Double?
+    /// Per `--fs` directory: "PATH: mechanism (filesystem type)".
+    public var fs: [String]?
+    /// The filesystem snapshot's ID (`stasis fs list`), with `--fs`.
+    public var fs_id: String?
 }

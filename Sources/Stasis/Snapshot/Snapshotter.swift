@@ -29,9 +29,12 @@ public enum AfterSnapshot: String, Sendable {
 /// file is removed — and the error names what failed. The image is every process's memory,
 /// and the bytes in the pipes between them, at one instant (the freeze) in both modes.
 public enum Snapshotter {
+    /// With `filesystems` (`--fs`), the directories are kept at the instant of the freeze too
+    /// (while the tree is stopped), registered once the image is complete, and removed if the
+    /// snapshot is discarded.
     public static func snapshot(
         pid: pid_t, to destination: ImageDestination, mode: SnapshotMode = .live, after: AfterSnapshot,
-        tracerThread: TracerThread
+        tracerThread: TracerThread, filesystems: FilesystemCapture? = nil
     ) throws -> SnapshotStats {
         let start = monotonicNanoseconds()
         try Cancellation.check()
@@ -52,25 +55,32 @@ public enum Snapshotter {
             if handle.isPipe { enlargePipe(handle) }
         }
         do {
-            return try tracerThread.perform { tracer in
+            var stats = try tracerThread.perform { tracer in
                 switch mode {
                 case .live:
                     try live(pid: pid, sink: sink, temporaryPath: temporaryPath, destination: destination,
-                             after: after, tracer: tracer, start: start)
+                             after: after, tracer: tracer, start: start, filesystems: filesystems)
                 case .stopTheWorld:
                     try stopTheWorld(pid: pid, sink: sink, temporaryPath: temporaryPath, destination: destination,
-                                     after: after, tracer: tracer, start: start)
+                                     after: after, tracer: tracer, start: start, filesystems: filesystems)
                 }
             }
+            if let filesystems, !filesystems.targets.isEmpty {
+                stats.fs_ms = filesystems.milliseconds
+                stats.fs = filesystems.records.map { "\($0.path): \($0.mechanism.rawValue) (\($0.filesystemType))" }
+                stats.fs_id = filesystems.id
+            }
+            return stats
         } catch {
             if let temporaryPath { unlink(temporaryPath) }
+            filesystems?.discard()
             throw error
         }
     }
 
     private static func live(
         pid: pid_t, sink: FileHandle, temporaryPath: String?, destination: ImageDestination,
-        after: AfterSnapshot, tracer: Tracer, start: UInt64
+        after: AfterSnapshot, tracer: Tracer, start: UInt64, filesystems: FilesystemCapture?
     ) throws -> SnapshotStats {
         try FrozenProcess.checkTraceable(pid)
         let pidNamespace = try TreeNamespace.isOwnNamespace(root: pid)
@@ -106,6 +116,9 @@ public enum Snapshotter {
             }
             try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
             (treeRecord, shared) = try PhaseTimer.measure("capture tree") { try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace) }
+            // The directories of `--fs`, at the same instant (the tree is stopped).
+            try PhaseTimer.measure("filesystems") { try filesystems?.take() }
+            treeRecord.filesystems = filesystems.flatMap { $0.records.isEmpty ? nil : $0.records }
             try Cancellation.check()
             cloneStart = monotonicNanoseconds()
             do {
@@ -120,7 +133,7 @@ public enum Snapshotter {
                 try ProcessCapture.completeFromClones(&states, clones: tree.processes.map(\.pid), tracer: tracer)
                 var stats = try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
                                                   temporaryPath: temporaryPath, destination: destination, after: after,
-                                                  start: start, captureStart: captureStart)
+                                                  start: start, captureStart: captureStart, filesystems: filesystems)
                 stats.fallback = "\(unavailable); the tree stayed frozen until the image was complete"
                 return stats
             }
@@ -174,6 +187,7 @@ public enum Snapshotter {
             }
             let trailer = try writer.finish()
             try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+            try filesystems?.commit(image: imagePath(destination))
             let streamEnd = monotonicNanoseconds()
             try finishTree(tree.members, after: after)
             return SnapshotStats(
@@ -199,7 +213,7 @@ public enum Snapshotter {
 
     private static func stopTheWorld(
         pid: pid_t, sink: FileHandle, temporaryPath: String?, destination: ImageDestination,
-        after: AfterSnapshot, tracer: Tracer, start: UInt64
+        after: AfterSnapshot, tracer: Tracer, start: UInt64, filesystems: FilesystemCapture?
     ) throws -> SnapshotStats {
         try FrozenProcess.checkTraceable(pid)
         let pidNamespace = try TreeNamespace.isOwnNamespace(root: pid)
@@ -209,10 +223,12 @@ public enum Snapshotter {
             let captureStart = monotonicNanoseconds()
             var states = try ProcessCapture.captureAll(tree.processes, namespaced: pidNamespace)
             try TreeNamespace.checkMembers(tree, pidNamespace: pidNamespace)
-            let (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
+            var (treeRecord, shared) = try TreeCapture.capture(tree, states: &states, pidNamespace: pidNamespace)
+            try filesystems?.take()
+            treeRecord.filesystems = filesystems.flatMap { $0.records.isEmpty ? nil : $0.records }
             return try streamWhileFrozen(tree, states: &states, tree: treeRecord, shared: shared, sink: sink,
                                          temporaryPath: temporaryPath, destination: destination, after: after,
-                                         start: start, captureStart: captureStart)
+                                         start: start, captureStart: captureStart, filesystems: filesystems)
         } catch {
             try? tree.release()
             throw discarded(pid, error)
@@ -223,7 +239,7 @@ public enum Snapshotter {
     private static func streamWhileFrozen(
         _ frozen: FrozenTree, states: inout [CapturedState], tree: TreeRecord, shared: SharedObjectContents,
         sink: FileHandle, temporaryPath: String?, destination: ImageDestination, after: AfterSnapshot,
-        start: UInt64, captureStart: UInt64
+        start: UInt64, captureStart: UInt64, filesystems: FilesystemCapture?
     ) throws -> SnapshotStats {
         var releasedAt: UInt64 = 0
         for (index, process) in frozen.processes.enumerated() { try ProcessCapture.planPages(&states[index], scanning: process.pid) }
@@ -239,6 +255,7 @@ public enum Snapshotter {
         }
         let trailer = try writer.finish()
         try complete(sink: sink, temporaryPath: temporaryPath, destination: destination)
+        try filesystems?.commit(image: imagePath(destination))
         let writeEnd = monotonicNanoseconds()
         switch after {
         case .run: try frozen.release()
@@ -295,6 +312,13 @@ public enum Snapshotter {
             if result.count > 100_000 { break }
         }
         return result
+    }
+
+    /// The image's path, for a regular file destination.
+    private static func imagePath(_ destination: ImageDestination) -> String? {
+        guard case let .file(path) = destination, !isSpecialFile(path), let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     /// Makes a file image durable under its final name.

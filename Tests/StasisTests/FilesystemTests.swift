@@ -1,0 +1,125 @@
+import Foundation
+import Glibc
+import Stasis
+import Testing
+
+/// A filesystem of `type` made in a file and mounted through a loop device for one test; unmounted
+/// and deleted when the test ends, also on failure.
+final class LoopFilesystem {
+    let mountPoint: String
+    private let image: String
+    private var mounted = false
+
+    init(_ type: String, scratch: ScratchDirectory) throws {
+        image = scratch.file("\(type).img")
+        mountPoint = scratch.file("mnt-\(type)")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        guard truncate(image, 512 << 20) == 0 || FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 512 << 20) == 0 else {
+            throw TestFailure("cannot create \(image)")
+        }
+        let make = try runCommand(["/usr/sbin/mkfs.\(type)", "-q", image], timeout: 60)
+        guard make.succeeded else { throw TestFailure("mkfs.\(type) failed: \(make.stderr)") }
+        let mount = try runCommand(["/usr/bin/mount", "-o", "loop", image, mountPoint], timeout: 60)
+        guard mount.succeeded else { throw TestFailure("mount -o loop failed: \(mount.stderr)") }
+        mounted = true
+    }
+
+    deinit {
+        if mounted { _ = try? runCommand(["/usr/bin/umount", mountPoint], timeout: 60) }
+        unlink(image)
+    }
+}
+
+/// `snapshot --fs`: directories kept with the memory, rolled back by restore.
+@Suite("filesystem-consistent snapshots", .serialized, .timeLimit(.minutes(3)))
+struct FilesystemTests {
+    static var records: String {
+        URL(fileURLWithPath: Products.pythonWorkload).deletingLastPathComponent().appendingPathComponent("py_records.py").path
+    }
+
+    /// A fresh directory on `type`: a btrfs subvolume on btrfs, a plain directory elsewhere.
+    static func directory(on filesystem: LoopFilesystem, _ type: String) throws -> String {
+        let path = filesystem.mountPoint + "/data"
+        if type == "btrfs" {
+            let made = try runCommand(["/usr/bin/btrfs", "subvolume", "create", path])
+            guard made.succeeded else { throw TestFailure("btrfs subvolume create: \(made.stderr)") }
+        } else {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        }
+        return path
+    }
+
+    @Test("a workload's records file and memory agree after snapshot --fs, garbage, restore",
+          arguments: [("btrfs", "btrfsSnapshot"), ("xfs", "reflink"), ("ext4", "copy")])
+    func rollBack(type: String, mechanism: String) throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let filesystem = try LoopFilesystem(type, scratch: scratch)
+        let data = try Self.directory(on: filesystem, type)
+        let log = data + "/records.log"
+        let workload = try VerifyingWorkload([Products.python, Self.records, "--file", log], scratch: scratch, cleanup: cleanup)
+        defer { killAndForget(workload.pid) }
+        let image = scratch.file("fs.stasis"), stats = scratch.file("stats.json")
+        // Live: the workload keeps appending between the freeze and the kill; the rollback undoes that.
+        let snap = try stasis("snapshot", "\(workload.pid)", "-o", image, "--fs", data, "--kill", "--stats", stats)
+        try #require(snap.succeeded, "\(snap.stderr)")
+        let json = try JSONSerialization.jsonObject(with: Data(contents(stats).utf8)) as? [String: Any] ?? [:]
+        let kept = json["fs"] as? [String] ?? []
+        #expect(kept.count == 1 && kept[0].contains(mechanism), "\(kept)")
+        #expect(json["fs_ms"] is Double)
+        let id = try #require(json["fs_id"] as? String)
+        #expect(try stasis("fs", "list").stdout.contains(id))
+        if mechanism == "copy" { #expect(snap.stderr.contains("warning"), "a plain copy is announced: \(snap.stderr)") }
+        try "garbage that was never in memory\n".appendLine(to: log)
+        let restore = try stasis("restore", image, "--detach")
+        try #require(restore.succeeded, "\(restore.stderr)")
+        cleanup.track(workload.pid)
+        let first = try workload.check()
+        #expect(first.ok, "\(first.detail)")
+        usleep(200_000)
+        let second = try workload.check()
+        #expect(second.ok && second.progress > first.progress, "\(second.detail)")
+        killAndForget(workload.pid)
+        // Dropped: gone from the list, and the image can no longer be restored.
+        #expect(try stasis("fs", "drop", id).succeeded)
+        #expect(!(try stasis("fs", "list").stdout.contains(id)))
+        let refused = try stasis("restore", image, "--detach")
+        #expect(!refused.succeeded && refused.stderr.contains("filesystem snapshot \(id) is gone"), "\(refused.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")
+    }
+
+    @Test("a discarded snapshot removes its filesystem snapshot too")
+    func discardRemovesIt() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let filesystem = try LoopFilesystem("xfs", scratch: scratch)
+        let data = try Self.directory(on: filesystem, "xfs")
+        let workload = try VerifyingWorkload([Products.python, Self.records, "--file", data + "/records.log"], scratch: scratch, cleanup: cleanup)
+        defer { killAndForget(workload.pid) }
+        let before = Set(FilesystemSnapshots.list().map(\.id))
+        // The reader goes away at once: the stream fails with EPIPE after the directory was kept.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Products.stasis)
+        process.arguments = ["snapshot", "\(workload.pid)", "-o", "-", "--fs", data]
+        let output = Pipe(), errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try output.fileHandleForReading.close()
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        try waitUntil(30, "stasis to exit") { !process.isRunning }
+        #expect(process.terminationStatus != 0)
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(message.contains("discarded"), "\(message)")
+        #expect(Set(FilesystemSnapshots.list().map(\.id)) == before, "no filesystem snapshot registered")
+        #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")
+        #expect(try workload.check().ok)
+    }
+}
+
+extension String {
+    func appendLine(to path: String) throws {
+        let handle = try Foundation.FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(utf8))
+    }
+}
