@@ -87,6 +87,33 @@ struct FilesystemTests {
         #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")
     }
 
+    @Test("without --fs, a file the process had open that changed since the snapshot is refused at restore")
+    func changedOpenFileRefused() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let log = scratch.file("records.log")
+        let workload = try VerifyingWorkload([Products.python, Self.records, "--file", log], scratch: scratch, cleanup: cleanup)
+        defer { killAndForget(workload.pid) }
+        // Live: it goes on appending while the image streams, until the kill.
+        let image = scratch.file("live.stasis")
+        let snap = try stasis("snapshot", "\(workload.pid)", "-o", image, "--kill")
+        try #require(snap.succeeded, "\(snap.stderr)")
+        let refused = try stasis("restore", image, "--detach")
+        #expect(!refused.succeeded)
+        #expect(refused.stderr.contains(log) && refused.stderr.contains("was modified since the snapshot")
+                && refused.stderr.contains("--fs"), "\(refused.stderr)")
+        #expect(kill(workload.pid, 0) != 0, "nothing was restored")
+        // Stop-the-world: nothing is written after the freeze; the file is as it was.
+        let again = try VerifyingWorkload([Products.python, Self.records, "--file", scratch.file("other.log")], scratch: scratch, cleanup: cleanup)
+        defer { killAndForget(again.pid) }
+        let quiet = scratch.file("quiet.stasis")
+        let stopped = try stasis("snapshot", "\(again.pid)", "-o", quiet, "--kill", "--stop-the-world")
+        try #require(stopped.succeeded, "\(stopped.stderr)")
+        let restore = try stasis("restore", quiet, "--detach")
+        try #require(restore.succeeded, "\(restore.stderr)")
+        cleanup.track(again.pid)
+        #expect(try again.check().ok)
+    }
+
     @Test("a discarded snapshot removes its filesystem snapshot too")
     func discardRemovesIt() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()

@@ -368,7 +368,7 @@ struct TreeTests {
         }
         try writer.finish()
         var bytes = Array(FileManager.default.contents(atPath: old)!)
-        bytes[8] = 1; bytes[9] = 0
+        bytes[8] = 1; bytes[9] = 0; bytes[10] = 0; bytes[11] = 0
         let crc = bytes.withUnsafeBytes { crc32c($0.baseAddress, 28) }
         withUnsafeBytes(of: crc.littleEndian) { for (offset, byte) in $0.enumerated() { bytes[28 + offset] = byte } }
         try Data(bytes).write(to: URL(fileURLWithPath: old))

@@ -149,15 +149,29 @@ public enum Restorer {
             try checkSameFile(metadata.process.executable, identity,
                               sameInode: !FilesystemSnapshots.isUnder(metadata.process.executable, rolledBack))
         }
-        for record in metadata.files.descriptors where record.kind == .regular && !pathExists(record.path) {
-            throw StasisError.fileChanged(path: record.path, reason: "(fd \(record.fd)) no longer exists")
+        for record in metadata.files.descriptors where record.kind == .regular && checked.insert(record.path).inserted {
+            guard pathExists(record.path) else {
+                throw StasisError.fileChanged(path: record.path, reason: "(fd \(record.fd) of PID \(metadata.process.pid)) no longer exists")
+            }
+            // A file the process had open must still be the file of the snapshot: resuming on
+            // top of changed data (a log that grew after a live snapshot's freeze, records
+            // appended since) would make the process's memory and the file disagree.
+            // `snapshot --fs` keeps such files with the memory; `--stop-the-world --kill` keeps
+            // the process from writing after the freeze.
+            if let identity = record.identity {
+                do {
+                    try checkSameFile(record.path, identity, sameInode: !FilesystemSnapshots.isUnder(record.path, rolledBack), what: "is open")
+                } catch let error as StasisError {
+                    throw error.explainingOpenFile(fd: record.fd, pid: metadata.process.pid)
+                }
+            }
         }
     }
 
-    static func checkSameFile(_ path: String, _ identity: FileIdentity, sameInode: Bool = true) throws {
+    static func checkSameFile(_ path: String, _ identity: FileIdentity, sameInode: Bool = true, what: String = "is mapped") throws {
         let now: FileIdentity
         do { now = try FileIdentity.of(path) } catch {
-            throw StasisError.fileChanged(path: path, reason: "is mapped by the process but cannot be opened now: \(error)")
+            throw StasisError.fileChanged(path: path, reason: "\(what) by the process but cannot be opened now: \(error)")
         }
         if sameInode && (now.device != identity.device || now.inode != identity.inode) {
             throw StasisError.fileChanged(path: path, reason: "was replaced by another file since the snapshot (inode \(identity.inode) → \(now.inode))")
@@ -214,5 +228,13 @@ public enum Restorer {
             .init(.setresgid, UInt64(credentials.gids[0]), UInt64(credentials.gids[1]), UInt64(credentials.gids[2]), what: "setresgid"),
             .init(.setresuid, UInt64(credentials.uids[0]), UInt64(credentials.uids[1]), UInt64(credentials.uids[2]), what: "setresuid"),
         ])
+    }
+}
+
+extension StasisError {
+    /// A changed-file refusal about an open fd, with what to do about it.
+    func explainingOpenFile(fd: Int32, pid: pid_t) -> StasisError {
+        guard case let .fileChanged(path, reason) = self else { return self }
+        return .fileChanged(path: path, reason: "(fd \(fd) of PID \(pid)) \(reason); take the snapshot with --fs for its directory, or with --stop-the-world --kill so that nothing is written after the freeze")
     }
 }
