@@ -114,6 +114,21 @@ struct FilesystemTests {
         #expect(try again.check().ok)
     }
 
+    @Test("a file deleted while open comes back, unlinked, with its contents")
+    func deletedOpenFile() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let program = URL(fileURLWithPath: Products.pythonWorkload).deletingLastPathComponent().appendingPathComponent("py_deleted_file.py").path
+        let workload = try VerifyingWorkload([Products.python, program, "--dir", scratch.path], scratch: scratch, cleanup: cleanup)
+        let before = try workload.check()
+        #expect(before.ok, "\(before.detail)")
+        let image = scratch.file("deleted.stasis")
+        try cycle(workload.pid, image: image, cleanup: cleanup)
+        let after = try workload.check()
+        #expect(after.ok, "\(after.detail)")
+        #expect(after.progress > before.progress)
+        #expect(try inspect(image).files.contains { $0.kind == "deletedFile" })
+    }
+
     @Test("a discarded snapshot removes its filesystem snapshot too")
     func discardRemovesIt() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()

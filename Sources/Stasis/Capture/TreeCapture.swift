@@ -6,9 +6,12 @@ struct SharedObjectContents {
     var pipes: [(record: PipeRecord, bytes: [UInt8])] = []
     /// Each shared memory object's data extents (holes are not stored).
     var sharedMemory: [(record: SharedMemoryRecord, extents: [(offset: UInt64, bytes: [UInt8])])] = []
+    /// Each deleted-but-open file's data extents.
+    var deletedFiles: [(record: DeletedFileRecord, extents: [(offset: UInt64, bytes: [UInt8])])] = []
 
     var byteCount: Int {
         pipes.reduce(0) { $0 + $1.bytes.count } + sharedMemory.reduce(0) { $0 + $1.extents.reduce(0) { $0 + $1.bytes.count } }
+            + deletedFiles.reduce(0) { $0 + $1.extents.reduce(0) { $0 + $1.bytes.count } }
     }
 
     /// Writes every object's data as object-data records of at most `ObjectData.maxChunk` bytes.
@@ -25,6 +28,9 @@ struct SharedObjectContents {
         for pipe in pipes { try chunks(.pipe, pipe.record.id, 0, pipe.bytes) }
         for object in sharedMemory {
             for extent in object.extents { try chunks(.sharedMemory, object.record.id, extent.offset, extent.bytes) }
+        }
+        for file in deletedFiles {
+            for extent in file.extents { try chunks(.deletedFile, file.record.id, extent.offset, extent.bytes) }
         }
     }
 }
@@ -53,9 +59,23 @@ enum TreeCapture {
             contents.pipes.append(try readPipe(description, pid: holder.pid, fd: holder.fd))
         }
         contents.sharedMemory = try readSharedMemory(states, descriptions: descriptions)
-        let record = TreeRecord(root: tree.root, pidNamespace: pidNamespace, members: tree.members,
+        for description in descriptions.list where description.kind == .deletedFile {
+            guard let holder = descriptions.holders[description.id], let id = description.deletedFile,
+                  !contents.deletedFiles.contains(where: { $0.record.id == id }) else { continue }
+            let path = "/proc/\(holder.pid)/fd/\(holder.fd)"
+            let handle: FileHandle
+            do { handle = try FileHandle.open(path, O_RDONLY) } catch {
+                throw StasisError.unsupported(pid: holder.pid, what: "fd \(holder.fd), the deleted file \(description.path), cannot be read: \(error)")
+            }
+            let st = try handle.status()
+            let extents = try readExtents(handle, size: UInt64(st.st_size))
+            contents.deletedFiles.append((DeletedFileRecord(id: id, path: description.path, size: UInt64(st.st_size), mode: UInt32(st.st_mode & 0o7777),
+                                                            storedBytes: extents.reduce(0) { $0 + UInt64($1.bytes.count) }), extents))
+        }
+        var record = TreeRecord(root: tree.root, pidNamespace: pidNamespace, members: tree.members,
                                 pipes: contents.pipes.map(\.record), sharedMemory: contents.sharedMemory.map(\.record),
                                 descriptions: descriptions.list)
+        record.deletedFiles = contents.deletedFiles.isEmpty ? nil : contents.deletedFiles.map(\.record)
         return (record, contents)
     }
 
@@ -121,7 +141,8 @@ enum TreeCapture {
                     result.list.append(OpenFileDescription(
                         id: id, kind: record.kind, path: record.path, flags: record.flags, offset: record.offset,
                         pipe: pipeID, sharedMemory: record.kind == .memfd ? record.identity?.inode : nil,
-                        identity: record.kind == .regular ? record.identity : nil))
+                        identity: record.kind == .regular ? record.identity : nil,
+                        deletedFile: record.kind == .deletedFile ? record.identity?.inode : nil))
                     result.holders[id] = (pid, record.fd)
                     byFile[key, default: []].append((holder, id))
                 }
@@ -164,7 +185,31 @@ enum TreeCapture {
         return (record, bytes)
     }
 
-    // MARK: shared memory
+    // MARK: shared memory and deleted files
+
+    /// The data extents of an open file (`SEEK_DATA`/`SEEK_HOLE`), read with `pread`; holes are
+    /// not read, so no page of a shmem object is faulted in.
+    static func readExtents(_ handle: FileHandle, size: UInt64) throws -> [(offset: UInt64, bytes: [UInt8])] {
+        var extents: [(offset: UInt64, bytes: [UInt8])] = []
+        var cursor: Int64 = 0
+        while UInt64(cursor) < size {
+            let dataStart = Int64(lseek(handle.rawValue, Int(cursor), 3 /* SEEK_DATA */))
+            if dataStart < 0 { break }  // ENXIO: no data after cursor
+            let holeStart = min(Int64(size), max(dataStart, Int64(lseek(handle.rawValue, Int(dataStart), 4 /* SEEK_HOLE */))))
+            var bytes = [UInt8](repeating: 0, count: Int(holeStart - dataStart))
+            var done = 0
+            while done < bytes.count {
+                let got = try bytes.withUnsafeMutableBytes {
+                    try handle.pread(into: $0.baseAddress! + done, count: $0.count - done, offset: UInt64(dataStart) + UInt64(done))
+                }
+                if got == 0 { break }
+                done += got
+            }
+            extents.append((UInt64(dataStart), Array(bytes[0..<done])))
+            cursor = holeStart
+        }
+        return extents
+    }
 
     /// Reads every shared memory object mapped or held open in the tree, once each, through
     /// the first mapping or fd found: the extents that hold data (SEEK_DATA/SEEK_HOLE).
@@ -189,24 +234,7 @@ enum TreeCapture {
                 throw StasisError.unsupported(pid: source.pid, what: "shared memory \(source.name) cannot be read: \(error)")
             }
             let size = UInt64(try handle.status().st_size)
-            var extents: [(offset: UInt64, bytes: [UInt8])] = []
-            var cursor: Int64 = 0
-            while UInt64(cursor) < size {
-                let dataStart = Int64(lseek(handle.rawValue, Int(cursor), 3 /* SEEK_DATA */))
-                if dataStart < 0 { break }  // ENXIO: no data after cursor
-                let holeStart = min(Int64(size), max(dataStart, Int64(lseek(handle.rawValue, Int(dataStart), 4 /* SEEK_HOLE */))))
-                var bytes = [UInt8](repeating: 0, count: Int(holeStart - dataStart))
-                var done = 0
-                while done < bytes.count {
-                    let got = try bytes.withUnsafeMutableBytes {
-                        try handle.pread(into: $0.baseAddress! + done, count: $0.count - done, offset: UInt64(dataStart) + UInt64(done))
-                    }
-                    if got == 0 { break }
-                    done += got
-                }
-                extents.append((UInt64(dataStart), Array(bytes[0..<done])))
-                cursor = holeStart
-            }
+            let extents = try readExtents(handle, size: size)
             let kind: SharedMemoryKind = source.name.hasPrefix("/memfd:") ? .memfd : .anonymous
             var name = ""
             if kind == .memfd {

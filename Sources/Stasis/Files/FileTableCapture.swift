@@ -32,10 +32,9 @@ enum FileTableCapture {
                     throw StasisError.unsupported(pid: pid, what: "fd \(fd) is a FIFO that was deleted (\(target))")
                 }
                 kind = .fifo
+            case S_IFREG where target.hasSuffix(" (deleted)"):
+                kind = .deletedFile
             case S_IFREG:
-                if target.hasSuffix(" (deleted)") {
-                    throw StasisError.unsupported(pid: pid, what: "fd \(fd) is an open file that was deleted (\(target))")
-                }
                 kind = .regular
             case S_IFCHR where target == "/dev/null":
                 kind = .devNull
@@ -43,8 +42,9 @@ enum FileTableCapture {
                 throw StasisError.unsupported(pid: pid, what: "fd \(fd) is \(describe(st, target)) (\(target))")
             }
             }
+            let path = kind == .deletedFile ? String(target.dropLast(" (deleted)".count)) : target
             descriptors.append(FileDescriptorRecord(
-                fd: fd, kind: kind, path: target, flags: rawFlags & ~O_CLOEXEC, closeOnExec: rawFlags & O_CLOEXEC != 0,
+                fd: fd, kind: kind, path: path, flags: rawFlags & ~O_CLOEXEC, closeOnExec: rawFlags & O_CLOEXEC != 0,
                 offset: offset,
                 identity: FileIdentity(
                     device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),

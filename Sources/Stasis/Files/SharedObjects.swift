@@ -22,6 +22,7 @@ final class SharedObjects {
     private var fifoKeepers: [UInt64: FileHandle] = [:]
     private var handles: [FileHandle] = []
     private var descriptions: [Int: Int32] = [:]
+    private var deletedFiles: [UInt64: FileHandle] = [:]
     /// Ends of pipes and memfds already given to one description (a second one gets its own).
     private var usedEnds = Set<String>()
     private let tree: TreeRecord
@@ -67,6 +68,15 @@ final class SharedObjects {
             handles.append(handle)
             sharedMemory[object.id] = handle.rawValue
         }
+        for file in tree.deletedFiles ?? [] {
+            // Unnamed again, in the directory it was in if that is still there.
+            let parent = file.path.contains("/") ? String(file.path[..<file.path.lastIndex(of: "/")!]) : "."
+            let directory = pathExists(parent.isEmpty ? "/" : parent) ? (parent.isEmpty ? "/" : parent)
+                : (getenv("TMPDIR").map { String(cString: $0) } ?? "/var/tmp")
+            let handle = try FileHandle.open(directory, O_RDWR | 0o20200000 /* O_TMPFILE */ | O_CLOEXEC, permissions: mode_t(file.mode))
+            _ = try checked(Int(ftruncate(handle.rawValue, Int(file.size))).negatedErrnoIfFailed(), "ftruncate", "the deleted file \(file.path)")
+            deletedFiles[file.id] = handle
+        }
     }
 
     deinit { close() }
@@ -89,17 +99,25 @@ final class SharedObjects {
                 throw StasisError.restoreFailed(pid: tree.root, step: "refilling \(target.name) with the \(data.bytes.count) bytes it held at offset \(data.offset)",
                                                 reason: "\(error) (a pipe can hold at most /proc/sys/fs/pipe-max-size bytes here)")
             }
+        case .deletedFile:
+            guard let handle = deletedFiles[data.object] else {
+                throw StasisError.usage("image corrupt: data for deleted file \(data.object), which the tree record does not list")
+            }
+            try write(Array(data.bytes), to: handle.rawValue, at: data.offset, what: "the deleted file \(data.object)")
         case .sharedMemory:
             guard let fd = sharedMemory[data.object] else {
                 throw StasisError.usage("image corrupt: data for shared memory \(data.object), which the tree record does not list")
             }
-            var done = 0
-            let bytes = Array(data.bytes)
-            while done < bytes.count {
-                let wrote = bytes.withUnsafeBytes { stasis_pwrite(fd, $0.baseAddress! + done, $0.count - done, data.offset + UInt64(done)) }
-                _ = try checked(wrote, "pwrite", "shared memory \(data.object) at \(data.offset + UInt64(done))")
-                done += wrote
-            }
+            try write(Array(data.bytes), to: fd, at: data.offset, what: "shared memory \(data.object)")
+        }
+    }
+
+    private func write(_ bytes: [UInt8], to fd: Int32, at offset: UInt64, what: String) throws {
+        var done = 0
+        while done < bytes.count {
+            let wrote = bytes.withUnsafeBytes { stasis_pwrite(fd, $0.baseAddress! + done, $0.count - done, offset + UInt64(done)) }
+            _ = try checked(wrote, "pwrite", "\(what) at \(offset + UInt64(done))")
+            done += wrote
         }
     }
 
@@ -137,6 +155,13 @@ final class SharedObjects {
             }
             let end = (flags & O_ACCMODE) == O_WRONLY ? pipe.write : pipe.read
             return try sameObject(end, key: "pipe \(id) \(end.rawValue)", flags: flags)
+        case .deletedFile:
+            guard let id = description.deletedFile, let file = deletedFiles[id] else {
+                throw StasisError.usage("image corrupt: \(description.path) is not among the tree's deleted files")
+            }
+            let handle = try sameObject(file, key: "deleted \(id)", flags: flags)
+            _ = try checked(Int(lseek(handle.rawValue, Int(description.offset), SEEK_SET)).negatedErrnoIfFailed(), "lseek", description.path)
+            return handle
         case .memfd:
             guard let id = description.sharedMemory, let fd = sharedMemory[id] else {
                 throw StasisError.usage("image corrupt: \(description.path) is not among the tree's shared memory objects")
@@ -175,5 +200,6 @@ final class SharedObjects {
         fifoKeepers.removeAll()
         descriptions.removeAll()
         sharedMemory.removeAll()
+        deletedFiles.removeAll()
     }
 }

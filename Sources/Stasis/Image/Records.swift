@@ -161,6 +161,9 @@ public enum FileKind: String, Codable, Sendable {
     case fifo
     /// A memfd held open.
     case memfd
+    /// A regular file that was open but already deleted (its path no longer names it): its
+    /// contents travel in the image (`DeletedFileRecord`) and it comes back unlinked.
+    case deletedFile
 }
 
 public struct FileDescriptorRecord: Codable, Sendable, Equatable {

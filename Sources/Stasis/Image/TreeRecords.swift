@@ -75,6 +75,8 @@ public struct OpenFileDescription: Codable, Sendable, Equatable {
     /// The shared memory object (`kind` memfd).
     public var sharedMemory: UInt64?
     public var identity: FileIdentity?
+    /// The `DeletedFileRecord` (`kind` deletedFile).
+    public var deletedFile: UInt64?
 }
 
 /// The first record of a tree image.
@@ -91,6 +93,8 @@ public struct TreeRecord: Codable, Sendable {
     public var descriptions: [OpenFileDescription]
     /// The directories captured with `--fs` (format 2.1; absent before).
     public var filesystems: [FilesystemSnapshotRecord]?
+    /// Files that were open but already deleted (format 2.1; absent before).
+    public var deletedFiles: [DeletedFileRecord]?
 
     /// The members that have a process section (every one but the zombies), in image order.
     public var liveMembers: [TreeMember] { members.filter { $0.zombie == nil } }
@@ -103,6 +107,7 @@ public struct ObjectData: Sendable {
     public enum Kind: UInt32, Sendable {
         case pipe = 1
         case sharedMemory = 2
+        case deletedFile = 3
     }
 
     public var kind: Kind
@@ -160,4 +165,17 @@ public struct FilesystemSnapshotRecord: Codable, Sendable, Equatable {
     public var store: String
     /// The filesystem's type (btrfs, xfs, ext4, …).
     public var filesystemType: String
+}
+
+/// A regular file that processes of the tree held open after it was deleted (an unlinked temp
+/// file still in use). Its data extents follow as object data; restore recreates it as an
+/// unnamed file (O_TMPFILE) in the directory it was in (or $TMPDIR, if that is gone).
+public struct DeletedFileRecord: Codable, Sendable, Equatable {
+    /// An ID unique in the image (the file's inode number at the snapshot).
+    public var id: UInt64
+    /// Its path before it was deleted.
+    public var path: String
+    public var size: UInt64
+    public var mode: UInt32
+    public var storedBytes: UInt64
 }
