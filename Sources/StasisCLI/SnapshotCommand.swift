@@ -29,8 +29,11 @@ struct Snapshot: ParsableCommand {
     var stats: String?
     @Option(name: .customLong("fs"), help: ArgumentHelp("A directory whose contents belong to the snapshot, kept at the instant of the freeze (btrfs snapshot, reflink copy, or plain copy); restore rolls it back. Repeatable.", valueName: "path"))
     var filesystems: [String] = []
+    @Flag(name: .customLong("fs-embed"), help: "Carry the --fs directories' contents inside the image (for restoring on another machine) instead of keeping them on this one.")
+    var embedFilesystems = false
 
     func validate() throws {
+        if embedFilesystems && filesystems.isEmpty { throw ValidationError("--fs-embed needs at least one --fs PATH") }
         if stop && kill { throw ValidationError("--stop and --kill exclude each other") }
         if output == "-" && isatty(1) != 0 { throw ValidationError("refusing to write an image to a terminal; redirect standard output") }
     }
@@ -45,7 +48,7 @@ struct Snapshot: ParsableCommand {
         Cancellation.interruptBlockingCalls(of: tracer)
         do {
             let destination: ImageDestination = output == "-" ? .descriptor(.standardOutput) : .file(output)
-            let capture = filesystems.isEmpty ? nil : try FilesystemCapture(paths: filesystems, root: pid)
+            let capture = filesystems.isEmpty ? nil : try FilesystemCapture(paths: filesystems, root: pid, embed: embedFilesystems)
             for target in capture?.targets ?? [] where target.mechanism == .copy {
                 FileHandle.standardError.write(line: "stasis: warning: --fs \(target.path) is on \(target.filesystemType), which has neither snapshots nor reflinks: it is copied byte by byte while the tree is frozen, so the freeze grows with its data")
             }

@@ -87,6 +87,35 @@ struct FilesystemTests {
         #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")
     }
 
+    @Test("--fs-embed: the directory travels in the stream through pipes and is restored onto a fresh directory")
+    func embedded() throws {
+        let scratch = ScratchDirectory(), cleanup = Cleanup()
+        let filesystem = try LoopFilesystem("xfs", scratch: scratch)
+        let data = try Self.directory(on: filesystem, "xfs")
+        try FileManager.default.createDirectory(atPath: data + "/sub", withIntermediateDirectories: true)
+        try "kept\n".write(toFile: data + "/sub/note.txt", atomically: false, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: data + "/link", withDestinationPath: "sub/note.txt")
+        let log = data + "/records.log"
+        let workload = try VerifyingWorkload([Products.python, Self.records, "--file", log], scratch: scratch, cleanup: cleanup)
+        defer { killAndForget(workload.pid) }
+        let image = scratch.file("embedded.stasis")
+        // Into a pipe (cat writes the file), then from a pipe.
+        let snap = try runCommand(["/bin/sh", "-c", "'\(Products.stasis)' snapshot \(workload.pid) -o - --fs '\(data)' --fs-embed --kill | cat > '\(image)'"], timeout: 60)
+        try #require(snap.succeeded, "\(snap.stderr)")
+        #expect(!(try stasis("fs", "list", "--json").stdout.contains(data)), "embedded: nothing is kept on this machine")
+        #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"))
+        try FileManager.default.removeItem(atPath: data)
+        let restore = try runCommand(["/bin/sh", "-c", "cat '\(image)' | '\(Products.stasis)' restore - --detach"], timeout: 60)
+        try #require(restore.succeeded, "\(restore.stderr)")
+        cleanup.track(workload.pid)
+        #expect(contents(data + "/sub/note.txt") == "kept\n")
+        #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: data + "/link")) == "sub/note.txt")
+        let report = try workload.check()
+        #expect(report.ok, "\(report.detail)")
+        let leftovers = try directoryEntries(filesystem.mountPoint).filter { $0.contains("stasis-staging") }
+        #expect(leftovers.isEmpty, "staging directories left: \(leftovers)")
+    }
+
     @Test("without --fs, a file the process had open that changed since the snapshot is refused at restore")
     func changedOpenFileRefused() throws {
         let scratch = ScratchDirectory(), cleanup = Cleanup()
@@ -155,6 +184,11 @@ struct FilesystemTests {
         #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")
         #expect(try workload.check().ok)
     }
+}
+
+/// The names in a directory.
+func directoryEntries(_ path: String) throws -> [String] {
+    try FileManager.default.contentsOfDirectory(atPath: path)
 }
 
 extension String {

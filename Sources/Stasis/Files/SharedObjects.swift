@@ -99,6 +99,8 @@ final class SharedObjects {
                 throw StasisError.restoreFailed(pid: tree.root, step: "refilling \(target.name) with the \(data.bytes.count) bytes it held at offset \(data.offset)",
                                                 reason: "\(error) (a pipe can hold at most /proc/sys/fs/pipe-max-size bytes here)")
             }
+        case .embeddedFile:
+            throw StasisError.usage("image corrupt: embedded file data after the tree's processes")
         case .deletedFile:
             guard let handle = deletedFiles[data.object] else {
                 throw StasisError.usage("image corrupt: data for deleted file \(data.object), which the tree record does not list")

@@ -179,7 +179,7 @@ public enum FilesystemSnapshots {
     /// Checks that every kept directory is still there (restore refuses an image whose
     /// filesystem snapshot was dropped).
     public static func checkKept(_ records: [FilesystemSnapshotRecord]) throws {
-        for record in records where !pathExists(record.store) {
+        for record in records where record.embedded != true && !pathExists(record.store) {
             throw StasisError.fileChanged(path: record.path, reason: "cannot be rolled back: its filesystem snapshot \(record.id) is gone (\(record.store) is missing; dropped with `stasis fs drop`?)")
         }
     }
@@ -254,8 +254,12 @@ public final class FilesystemCapture {
     public private(set) var milliseconds: Double = 0
     private var committed = false
 
+    /// Whether the contents travel in the image (`--fs-embed`) instead of being kept.
+    public let embed: Bool
+
     /// Examines `paths` (refusing what is not a directory) and flushes their filesystems.
-    public init(paths: [String], root: pid_t) throws {
+    public init(paths: [String], root: pid_t, embed: Bool = false) throws {
+        self.embed = embed
         targets = try FilesystemSnapshots.prepare(paths)
         id = FilesystemSnapshots.newID(root: root)
         try FilesystemSnapshots.sync(targets)
@@ -266,12 +270,18 @@ public final class FilesystemCapture {
         guard !targets.isEmpty else { return }
         let start = monotonicNanoseconds()
         records = try FilesystemSnapshots.take(targets, id: id)
+        if embed { for index in records.indices { records[index].embedded = true } }
         milliseconds = Double(monotonicNanoseconds() - start) / 1e6
     }
 
-    /// The image is complete: record the snapshot in the registry.
+    /// The image is complete: record the snapshot in the registry — or, when its contents are
+    /// embedded in the image, free what was kept for writing them.
     func commit(image: String?) throws {
         guard !records.isEmpty else { return }
+        if embed {
+            discard()
+            return
+        }
         try FilesystemSnapshots.register(records, image: image)
         committed = true
     }

@@ -100,17 +100,25 @@ public final class FrozenTree {
             members.append(try member(pid, isRoot: false, zombie: zombie))
             return nil
         }
-        do {
-            return try FrozenProcess.beginFreeze(pid: pid, tracer: tracer)
-        } catch let error as StasisError {
-            // It exited between the listing and the freeze: its parent is frozen, so it is a
-            // zombie now (or gone, if its parent ignores SIGCHLD).
-            if case .noSuchProcess = error { return nil }
-            if case .notTraceable = error, let zombie = Self.zombieStatus(pid) {
-                members.append(try member(pid, isRoot: false, zombie: zombie))
-                return nil
+        // A child caught in the middle of exiting (or of an exec) refuses to be seized for a
+        // moment (EPERM); its parent is frozen, so it soon is a zombie, gone, or traceable.
+        var attempts = 0
+        while true {
+            do {
+                return try FrozenProcess.beginFreeze(pid: pid, tracer: tracer)
+            } catch let error as StasisError {
+                if case .noSuchProcess = error { return nil }
+                guard case .notTraceable = error else { throw error }
+                if let zombie = Self.zombieStatus(pid) {
+                    members.append(try member(pid, isRoot: false, zombie: zombie))
+                    return nil
+                }
+                if !pathExists("/proc/\(pid)") { return nil }
+                let tracerPID = (try? ProcFS.status("/proc/\(pid)/status"))?["TracerPid"] ?? "0"
+                attempts += 1
+                if tracerPID != "0" || attempts > 200 { throw error }
+                usleep(1000)
             }
-            throw error
         }
     }
 

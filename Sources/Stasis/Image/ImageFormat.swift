@@ -28,6 +28,7 @@ public enum RecordKind: UInt32, Sendable, CustomStringConvertible {
     case tree = 5
     case objectData = 6
     case processPages = 7
+    case fileEntry = 8
     case pages = 16
     case end = 255
 
@@ -40,6 +41,7 @@ public enum RecordKind: UInt32, Sendable, CustomStringConvertible {
         case .tree: "tree"
         case .objectData: "object data"
         case .processPages: "process pages"
+        case .fileEntry: "file entry"
         case .pages: "pages"
         case .end: "end"
         }

@@ -49,7 +49,7 @@ public struct ImageMetadata: Sendable {
                     throw reader.malformed("mappings overlap at 0x\(String(overlap, radix: 16))", kind: .mappings)
                 }
                 return metadata
-            case .pages, .end, .tree, .objectData, .processPages:
+            case .pages, .end, .tree, .objectData, .processPages, .fileEntry:
                 throw reader.malformed("\(kind) record before the file table", kind: kind)
             }
         }
@@ -80,8 +80,11 @@ public struct TreeMetadata: Sendable {
     public var processes: [ImageMetadata]
 
     /// Reads a tree image's metadata, or a single-process image of format 1.0 (no tree record),
-    /// for which it makes a tree of one member.
-    public static func read(from reader: ImageReader) throws -> TreeMetadata {
+    /// for which it makes a tree of one member. Embedded `--fs` contents (file-entry and
+    /// object-data records between the tree record and the first process) are handed to
+    /// `embedded` as they come (with the tree record), or skipped when it is nil.
+    public static func read(from reader: ImageReader,
+                            embedded: ((TreeRecord, ImageItem) throws -> Void)? = nil) throws -> TreeMetadata {
         guard let first = try reader.next() else {
             throw ImageError(problem: .malformed("the image holds no records"), recordIndex: reader.recordIndex, kind: nil, offset: reader.offset)
         }
@@ -104,8 +107,19 @@ public struct TreeMetadata: Sendable {
             throw reader.malformed("a PID namespace tree whose members lack namespace PIDs or whose root is not PID 1", kind: kind)
         }
         var processes: [ImageMetadata] = []
+        var pending: ImageItem?
+        while let item = try reader.next() {
+            if case let .record(kind, _) = item, kind == .fileEntry || kind == .objectData {
+                try embedded?(tree, item)
+                continue
+            }
+            pending = item
+            break
+        }
         for member in live {
-            let section = try ImageMetadata.read(from: reader)
+            let first = pending
+            pending = nil
+            let section = try ImageMetadata.read(from: reader, first: first)
             guard section.process.pid == member.pid else {
                 throw reader.malformed("process section for PID \(section.process.pid) where the tree lists \(member.pid)", kind: .process)
             }

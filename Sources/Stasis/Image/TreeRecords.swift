@@ -108,6 +108,7 @@ public struct ObjectData: Sendable {
         case pipe = 1
         case sharedMemory = 2
         case deletedFile = 3
+        case embeddedFile = 4
     }
 
     public var kind: Kind
@@ -165,6 +166,30 @@ public struct FilesystemSnapshotRecord: Codable, Sendable, Equatable {
     public var store: String
     /// The filesystem's type (btrfs, xfs, ext4, …).
     public var filesystemType: String
+    /// `--fs-embed`: the contents travel in the image (file-entry and object-data records right
+    /// after the tree record); `store` was only used while the image was written.
+    public var embedded: Bool?
+}
+
+/// One entry of an embedded `--fs` directory (`--fs-embed`): a file-entry record. A regular
+/// file's bytes follow as object data of kind 4 with `object` = this entry's `sequence`.
+public struct FileEntryRecord: Codable, Sendable, Equatable {
+    public enum EntryType: String, Codable, Sendable { case directory, file, symlink, fifo }
+    /// Which `filesystems` record (index) it belongs to.
+    public var directory: Int
+    /// Its path relative to that directory.
+    public var path: String
+    public var type: EntryType
+    public var mode: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var accessedNanoseconds: Int64
+    public var modifiedNanoseconds: Int64
+    public var size: UInt64
+    /// A symbolic link's target.
+    public var target: String?
+    /// Numbers the entries of the image, for the object data of files.
+    public var sequence: UInt64
 }
 
 /// A regular file that processes of the tree held open after it was deleted (an unlinked temp

@@ -50,7 +50,9 @@ public enum Restorer {
                                namespace: RestoreNamespace = .asImaged) throws -> RestoredWorkload {
         let start = monotonicNanoseconds()
         let reader = try ImageReader(source: source)
-        let metadata = try TreeMetadata.read(from: reader)
+        // Embedded `--fs` contents are staged beside their directories as they stream in.
+        let embedded = EmbeddedFilesReceiver()
+        let metadata = try TreeMetadata.read(from: reader) { tree, item in try embedded.receive(tree, item, reader: reader) }
         let root = metadata.processes[0].process
         let newNamespace = namespace == .new || metadata.tree.pidNamespace
         // `stasis snapshot --kill -o - | stasis restore -`: the originals are still alive while
@@ -70,7 +72,8 @@ public enum Restorer {
         try preflightIDs(metadata, newNamespace: newNamespace)
         // The `--fs` directories go back to the instant of the freeze before anything runs; the
         // files in them are then the kept ones (new inodes, the same sizes and times).
-        for record in kept { try FilesystemSnapshots.rollBack(record) }
+        for record in kept where record.embedded != true { try FilesystemSnapshots.rollBack(record) }
+        if kept.contains(where: { $0.embedded == true }) { try embedded.install() }
         for process in metadata.processes { try preflight(process, rolledBack: kept) }
         let cgroup = useCgroup && StasisCgroup.root != nil ? try StasisCgroup.create(prefix: "\(root.pid)") : nil
         do {

@@ -292,6 +292,7 @@ public enum Snapshotter {
     private static func writeRecords(_ tree: TreeRecord, _ states: [CapturedState], _ shared: SharedObjectContents,
                                      to writer: ImageWriter) throws {
         try writer.writeRecord(.tree, tree)
+        try EmbeddedFiles.write(tree.filesystems ?? [], to: writer)
         for state in states {
             try writer.writeRecord(.process, state.process)
             for thread in state.threads { try writer.writeRecord(.thread, thread) }
