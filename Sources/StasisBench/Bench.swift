@@ -11,11 +11,12 @@ import Stasis
 /// `core` (the default, so `stasis-bench --quick` still works) is the snapshot/restore benchmark;
 /// `live` measures live snapshots: the freeze against the copy-on-write floor (LiveBench.swift);
 /// `tree` measures process trees: freeze and restore time against processes and threads (TreeBench.swift).
+/// `fs` measures `snapshot --fs`: fs_ms, freeze and restore against files and mechanism (FsBench.swift).
 struct StasisBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stasis-bench",
         abstract: "Benchmark stasis against in-run limits and floors; prints Markdown tables.",
-        subcommands: [CoreBench.self, LiveBench.self, TreeBench.self],
+        subcommands: [CoreBench.self, LiveBench.self, TreeBench.self, FsBench.self],
         defaultSubcommand: CoreBench.self)
 }
 

@@ -190,6 +190,7 @@ public enum FilesystemSnapshots {
         try checkKept([record])
         let mount = mountPoint(of: record.path)
         let skip = skipped(record.path, mount)
+        if record.mechanism == .btrfsSnapshot, try swapSubvolume(record) { return }
         if !pathExists(record.path) { try makeDirectories(record.path) }
         do {
             try DirectoryCopier.removeContents(of: record.path, skipping: skip)
@@ -197,6 +198,28 @@ public enum FilesystemSnapshots {
         } catch {
             throw StasisError.fileChanged(path: record.path, reason: "could not be rolled back to filesystem snapshot \(record.id): \(error)")
         }
+    }
+
+    /// A btrfs subvolume is rolled back in constant time: it is deleted and replaced by a
+    /// writable snapshot of the kept one. Returns false (and changes nothing) when the path is no
+    /// longer a subvolume of that filesystem, so that the caller copies instead.
+    private static func swapSubvolume(_ record: FilesystemSnapshotRecord) throws -> Bool {
+        var st = stat(), kept = stat()
+        guard stat(record.path, &st) == 0, st.st_ino == 256, stat(record.store, &kept) == 0, kept.st_dev != 0,
+              let slash = record.path.lastIndex(of: "/") else { return false }
+        let parent = slash == record.path.startIndex ? "/" : String(record.path[..<slash])
+        let name = String(record.path[record.path.index(after: slash)...])
+        var parentStat = stat()
+        guard stat(parent, &parentStat) == 0 else { return false }
+        let directory = try FileHandle.open(parent, O_RDONLY | O_DIRECTORY)
+        let source = try FileHandle.open(record.store, O_RDONLY | O_DIRECTORY)
+        let destroyed = name.withCString { stasis_btrfs_destroy_subvolume(directory.rawValue, $0) }
+        if destroyed < 0 { return false }
+        let made = name.withCString { stasis_btrfs_snapshot(source.rawValue, directory.rawValue, $0, 0) }
+        if made < 0 {
+            throw StasisError.fileChanged(path: record.path, reason: "was deleted to be rolled back, but the snapshot of \(record.store) could not replace it: \(String(cString: strerror(Int32(-made))))")
+        }
+        return true
     }
 
     /// Whether `path` lies inside one of the directories (so its identity is the kept one's).
