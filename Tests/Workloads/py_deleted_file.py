@@ -8,6 +8,7 @@ memory too. On SIGUSR1 it checks, through the fd, that the file is still unlinke
 holds the counter its memory holds, and that the pattern is intact, and writes one JSON line to
 PATH (PATH.tmp + rename): {"ok":..,"progress":counter,"pid":..,"detail":..}.
 """
+from report_file import write_report
 import json, os, signal, struct, sys, time
 
 report = sys.argv[sys.argv.index("--report") + 1]
@@ -21,9 +22,7 @@ counter = 0
 
 
 def write(text):
-    with open(report + ".tmp", "w") as out:
-        out.write(text)
-    os.rename(report + ".tmp", report)
+    write_report(report, text)
 
 
 def check(signum, frame):

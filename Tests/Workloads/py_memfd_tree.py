@@ -9,6 +9,7 @@ that reading the memfd through its fd gives the same counter (fd and mapping are
 that the child still runs as 65534, then writes one JSON line to PATH (PATH.tmp + rename):
 {"ok":..,"progress":counter,"pid":..,"detail":..}. "ready" once the child has counted.
 """
+from report_file import write_report
 import json, mmap, os, signal, struct, sys, time
 
 report = sys.argv[sys.argv.index("--report") + 1]
@@ -26,9 +27,7 @@ if child == 0:
 
 
 def write(text):
-    with open(report + ".tmp", "w") as out:
-        out.write(text)
-    os.rename(report + ".tmp", report)
+    write_report(report, text)
 
 
 def check(signum, frame):

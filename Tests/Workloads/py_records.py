@@ -8,6 +8,7 @@ what the file says and what the memory says must agree (no record lost, none rep
 else). It writes one JSON line to PATH (PATH.tmp + rename): {"ok":..,"progress":COUNT,"pid":..,
 "detail":..}; "ready" once ten records are written.
 """
+from report_file import write_report
 import json, os, signal, sys, time
 
 report = sys.argv[sys.argv.index("--report") + 1]
@@ -18,9 +19,7 @@ checking = False
 
 
 def write(text):
-    with open(report + ".tmp", "w") as out:
-        out.write(text)
-    os.rename(report + ".tmp", report)
+    write_report(report, text)
 
 
 def check(signum, frame):

@@ -13,6 +13,7 @@ to 2 s), then writes one JSON line:
     {"ok": true, "progress": COUNTER, "pid": P, "tids": [main, worker], "checks": K, "detail": "..."}
 Both files are written to PATH.tmp and renamed. SIGTERM: exit 0.
 """
+from report_file import write_report
 import argparse
 import json
 import os
@@ -53,10 +54,7 @@ class Worker(threading.Thread):
 
 
 def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_report(path, text)
 
 
 def check(table, worker, last_counter):
