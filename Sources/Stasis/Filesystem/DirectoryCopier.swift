@@ -38,8 +38,7 @@ final class DirectoryCopier {
             for name in try Self.entries(of: source) { try copy(source + "/" + name, to: destination + "/" + name) }
             try copyAttributes(from: source, to: destination)
         case S_IFREG:
-            try copyFile(source, to: destination, size: UInt64(st.st_size))
-            try copyAttributes(from: source, to: destination)
+            try copyFile(source, to: destination, status: st)
         case S_IFLNK:
             let target = try readLink(source)
             guard symlink(target, destination) == 0 else { throw SystemCallError(call: "symlink", subject: destination, errno: .init(rawValue: errno)) }
@@ -54,11 +53,20 @@ final class DirectoryCopier {
         }
     }
 
-    private func copyFile(_ source: String, to destination: String, size: UInt64) throws {
-        let input = try FileHandle.open(source, O_RDONLY | O_CLOEXEC)
+    /// One regular file, its attributes set through its fd (no second path lookup).
+    private func copyFile(_ source: String, to destination: String, status st: stat) throws {
+        let input = try FileHandle.open(source, O_RDONLY | O_CLOEXEC | 0o1000000 /* O_NOATIME: copying must not change what it copies */)
         let output = try FileHandle.open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, permissions: 0o600)
         files += 1
-        bytes += size
+        bytes += UInt64(st.st_size)
+        try copyData(input, to: output, source: source, destination: destination)
+        guard fchown(output.rawValue, st.st_uid, st.st_gid) == 0 else { throw SystemCallError(call: "fchown", subject: destination, errno: .init(rawValue: errno)) }
+        guard fchmod(output.rawValue, st.st_mode & 0o7777) == 0 else { throw SystemCallError(call: "fchmod", subject: destination, errno: .init(rawValue: errno)) }
+        var times = [st.st_atim, st.st_mtim]
+        guard futimens(output.rawValue, &times) == 0 else { throw SystemCallError(call: "futimens", subject: destination, errno: .init(rawValue: errno)) }
+    }
+
+    private func copyData(_ input: FileHandle, to output: FileHandle, source: String, destination: String) throws {
         if reflink {
             let result = stasis_ficlone(output.rawValue, input.rawValue)
             if result == 0 { return }
