@@ -167,18 +167,9 @@ struct FilesystemTests {
         defer { killAndForget(workload.pid) }
         let before = Set(FilesystemSnapshots.list().map(\.id))
         // The reader goes away at once: the stream fails with EPIPE after the directory was kept.
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Products.stasis)
-        process.arguments = ["snapshot", "\(workload.pid)", "-o", "-", "--fs", data]
-        let output = Pipe(), errors = Pipe()
-        process.standardOutput = output
-        process.standardError = errors
-        try output.fileHandleForReading.close()
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        try waitUntil(30, "stasis to exit") { !process.isRunning }
-        #expect(process.terminationStatus != 0)
-        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let snapshot = try BackgroundStasis(["snapshot", "\(workload.pid)", "-o", "-", "--fs", data], closedOutput: true)
+        let (status, message) = try snapshot.finish(within: 30)
+        #expect(status != 0)
         #expect(message.contains("discarded"), "\(message)")
         #expect(Set(FilesystemSnapshots.list().map(\.id)) == before, "no filesystem snapshot registered")
         #expect(!FileManager.default.fileExists(atPath: filesystem.mountPoint + "/.stasis-fs"), "nothing kept is left behind")

@@ -93,22 +93,12 @@ struct LiveSnapshotTests {
         let workload = try VerifyingWorkload([Self.sweep, "--mib", "128", "--threads", "2"], scratch: scratch, cleanup: cleanup)
         let before = try ProcessCondition(workload.pid)
         // Nobody reads the pipe: the snapshot blocks once it is full, mid-stream.
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Products.stasis)
-        process.arguments = ["snapshot", "\(workload.pid)", "-o", "-"]
-        let output = Pipe(), errors = Pipe()
-        process.standardOutput = output
-        process.standardError = errors
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let snapshot = try BackgroundStasis(["snapshot", "\(workload.pid)", "-o", "-"])
         // Wait until the stream has started: the image header is in the pipe.
-        let reader = output.fileHandleForReading
-        let header = reader.readData(ofLength: 8)
-        #expect(String(decoding: header, as: UTF8.self) == "STASISIM")
-        kill(process.processIdentifier, signal)
-        try waitUntil(20, "stasis to exit") { !process.isRunning }
-        #expect(process.terminationStatus != 0)
-        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(snapshot.waitForHeader())
+        kill(snapshot.pid, signal)
+        let (status, message) = try snapshot.finish()
+        #expect(status != 0)
         #expect(message.contains("cancelled") && message.contains("discarded"), "\(message)")
         try expectUntouched(workload, before: before)
     }

@@ -66,6 +66,39 @@ func runCommand(_ arguments: [String], stdin: Foundation.FileHandle? = nil, time
                          stderr: String(decoding: errBox.data, as: UTF8.self))
 }
 
+/// `stasis ARGS` running in the background, its stdout and stderr on pipes the test reads (or,
+/// with `closedOutput`, stdout a pipe whose reader is already gone). Killed when released if it
+/// still runs.
+final class BackgroundStasis {
+    let process = Process()
+    let output = Pipe(), errors = Pipe()
+
+    init(_ arguments: [String], closedOutput: Bool = false) throws {
+        process.executableURL = URL(fileURLWithPath: Products.stasis)
+        process.arguments = arguments
+        process.standardOutput = output
+        process.standardError = errors
+        if closedOutput { try output.fileHandleForReading.close() }
+        try process.run()
+    }
+
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+
+    var pid: pid_t { process.processIdentifier }
+
+    /// Waits for the image header in the output pipe: the stream has started.
+    func waitForHeader() -> Bool {
+        String(decoding: output.fileHandleForReading.readData(ofLength: 8), as: UTF8.self) == "STASISIM"
+    }
+
+    /// Waits (at most `seconds`) for it to exit; returns its status and what it wrote on stderr.
+    func finish(within seconds: Double = 20) throws -> (status: Int32, stderr: String) {
+        let process = self.process
+        try waitUntil(seconds, "stasis to exit") { !process.isRunning }
+        return (process.terminationStatus, String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+    }
+}
+
 /// Output collected on another thread; read only after the DispatchGroup is done.
 final class DataBox: @unchecked Sendable {
     var data = Data()

@@ -320,21 +320,12 @@ struct TreeTests {
         let members = treeOf(workload.pid)
         try #require(members.count == 5)
         let before = try members.map { try ProcessCondition($0) }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Products.stasis)
-        process.arguments = ["snapshot", "\(workload.pid)", "-o", "-"]
-        let output = Pipe(), errors = Pipe()
-        process.standardOutput = output
-        process.standardError = errors
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        let header = output.fileHandleForReading.readData(ofLength: 8)
-        #expect(String(decoding: header, as: UTF8.self) == "STASISIM")
+        let snapshot = try BackgroundStasis(["snapshot", "\(workload.pid)", "-o", "-"])
+        #expect(snapshot.waitForHeader())
         usleep(200_000)
-        kill(process.processIdentifier, SIGTERM)
-        try waitUntil(20, "stasis to exit") { !process.isRunning }
-        #expect(process.terminationStatus != 0)
-        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        kill(snapshot.pid, SIGTERM)
+        let (status, message) = try snapshot.finish()
+        #expect(status != 0)
         #expect(message.contains("cancelled") && message.contains("discarded"), "\(message)")
         try waitUntil(20, "every process to be released as it was") {
             (try? members.map { try ProcessCondition($0) }) == before
