@@ -88,25 +88,10 @@ struct FsReport {
         }
         line()
 
-        if !failures.isEmpty {
-            line("### Failures")
-            line()
-            for failure in failures {
-                let whereText = failure.mechanism.map { "\($0.rawValue) \(failure.files.map { "\($0) files" } ?? "") " } ?? ""
-                line("- \(whereText)\(failure.step):")
-                line()
-                line("  ```")
-                for text in failure.message.split(separator: "\n", omittingEmptySubsequences: false) { line("  \(text)") }
-                line("  ```")
-            }
-            line()
-        }
-        if !notes.isEmpty {
-            line("### Notes")
-            line()
-            for note in notes { line("- \(note)") }
-            line()
-        }
+        out += failureAndNoteLines(failures.map { failure in
+            let whereText = failure.mechanism.map { "\($0.rawValue) \(failure.files.map { "\($0) files" } ?? "") " } ?? ""
+            return (whereText + failure.step, failure.message)
+        }, notes: notes)
         line("### Clean-up")
         line()
         line("After the run: \(cleanUp.mounts.count) mounts from the bench's images (`/proc/mounts`), \(cleanUp.loopDevices.count) loop devices backed by them, \(cleanUp.processes) wl-tree processes of this bench, \(cleanUp.fsSnapshots.count) fs snapshots of its directories (`stasis fs list --json`), \(cleanUp.imagesLeft.count) images, mount points or work directories left. `grep /var/tmp /proc/mounts`: \(cleanUp.varTmpMounts.isEmpty ? "nothing" : cleanUp.varTmpMounts.map { "`\($0)`" }.joined(separator: ", ")).")

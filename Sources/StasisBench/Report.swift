@@ -302,3 +302,24 @@ struct Report {
         return out.joined(separator: "\n")
     }
 }
+
+/// The "Failures" and "Notes" sections a report ends with (before its clean-up): each failure
+/// as "- PLACE:" and its message in a code block.
+func failureAndNoteLines(_ failures: [(place: String, message: String)], notes: [String]) -> [String] {
+    var out: [String] = []
+    if !failures.isEmpty {
+        out += ["### Failures", ""]
+        for failure in failures {
+            out += ["- \(failure.place):", "", "  ```"]
+            for text in failure.message.split(separator: "\n", omittingEmptySubsequences: false) { out.append("  \(text)") }
+            out.append("  ```")
+        }
+        out.append("")
+    }
+    if !notes.isEmpty {
+        out += ["### Notes", ""]
+        for note in notes { out.append("- \(note)") }
+        out.append("")
+    }
+    return out
+}

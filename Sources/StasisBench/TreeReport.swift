@@ -123,25 +123,10 @@ struct TreeReport {
             line()
         }
 
-        if !failures.isEmpty {
-            line("### Failures")
-            line()
-            for failure in failures {
-                let whereText = failure.procs.map { "\($0) × \(failure.threads ?? 1)" + (failure.run.map { " run \($0)" } ?? "") + " " } ?? ""
-                line("- \(whereText)\(failure.mode):")
-                line()
-                line("  ```")
-                for text in failure.message.split(separator: "\n", omittingEmptySubsequences: false) { line("  \(text)") }
-                line("  ```")
-            }
-            line()
-        }
-        if !notes.isEmpty {
-            line("### Notes")
-            line()
-            for note in notes { line("- \(note)") }
-            line()
-        }
+        out += failureAndNoteLines(failures.map { failure in
+            let whereText = failure.procs.map { "\($0) × \(failure.threads ?? 1)" + (failure.run.map { " run \($0)" } ?? "") + " " } ?? ""
+            return (whereText + failure.mode, failure.message)
+        }, notes: notes)
         line("### Clean-up")
         line()
         line("After the run: \(cleanUp.processes) wl-tree processes of this bench still running; of the \(cleanUp.cgroupsUsed) cgroups its trees were in, \(cleanUp.cgroups.count) still present\(cleanUp.cgroups.isEmpty ? "" : " (\(cleanUp.cgroups.joined(separator: ", ")))")\(cleanUp.otherWorkloads > 0 ? "; \(cleanUp.otherWorkloads) wl-tree processes of someone else's were running on the machine" : "").")
