@@ -23,12 +23,6 @@ struct FsReport {
         runs.filter { $0.mechanism == point.mechanism && $0.files == point.files && $0.kind == kind }
     }
 
-    /// "median (min–max)".
-    func spread(_ values: [Double]) -> String {
-        guard let low = values.min(), let high = values.max() else { return "–" }
-        return values.count == 1 ? autoFmt(low) : "\(autoFmt(median(values))) (\(autoFmt(low))–\(autoFmt(high)))"
-    }
-
     func markdown() -> String {
         var out: [String] = []
         func line(_ text: String = "") { out.append(text) }

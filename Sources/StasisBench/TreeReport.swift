@@ -10,6 +10,12 @@ func autoFmt(_ value: Double) -> String {
     return fmt(value, size < 1 ? 3 : size < 10 ? 2 : size < 1000 ? 1 : 0)
 }
 
+/// "median (min–max)" of a set of samples; the value alone for one sample, "–" for none.
+func spread(_ values: [Double]) -> String {
+    guard let low = values.min(), let high = values.max() else { return "–" }
+    return values.count == 1 ? autoFmt(low) : "\(autoFmt(median(values))) (\(autoFmt(low))–\(autoFmt(high)))"
+}
+
 struct TreeReport {
     var plan: TreePlan
     var runs: [TreeRun]
@@ -31,12 +37,6 @@ struct TreeReport {
     static let goalMs = 1000.0
 
     func samples(_ point: TreePoint, _ mode: TreeMode) -> [TreeRun] { runs.filter { $0.point == point && $0.mode == mode } }
-
-    /// "median (min–max)".
-    func spread(_ values: [Double]) -> String {
-        guard let low = values.min(), let high = values.max() else { return "–" }
-        return values.count == 1 ? autoFmt(low) : "\(autoFmt(median(values))) (\(autoFmt(low))–\(autoFmt(high)))"
-    }
 
     func med(_ point: TreePoint, _ mode: TreeMode, _ value: (TreeRun) -> Double?) -> Double {
         median(samples(point, mode).compactMap(value))
