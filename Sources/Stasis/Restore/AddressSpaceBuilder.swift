@@ -22,14 +22,11 @@ final class AddressSpaceBuilder {
         self.metadata = metadata
         self.objects = objects
         self.memory = RemoteMemory(pid: process.pid)
-        let stubMaps = try ProcFS.mapEntries(process.pid)
-        guard let vdso = stubMaps.first(where: { $0.name == "[vdso]" }),
-              let instruction = try findSyscallInstruction(pid: process.pid, in: vdso)
-        else {
-            throw StasisError.restoreFailed(pid: process.pid, step: "preparing the stub", reason: "this process has no [vdso] with a syscall instruction")
+        guard let instruction = process.syscallInstruction else {
+            throw StasisError.restoreFailed(pid: process.localPID, step: "preparing the stub", reason: "the stub was not prepared (no syscall instruction known)")
         }
         caller = try RemoteSyscaller(tracer: process.tracer, tid: process.pid, syscallInstruction: instruction)
-        stubLayout = stubMaps
+        stubLayout = try ProcFS.mapEntries(process.pid)
     }
 
     private let stubLayout: [ProcFS.MapEntry]

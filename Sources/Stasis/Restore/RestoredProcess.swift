@@ -28,6 +28,10 @@ final class RestoredProcess {
     /// A `syscall` instruction and a scratch page, while the stub is only a stub (for forking
     /// its children and leading its session); the address space builder replaces both.
     private var stubCaller: RemoteSyscaller?
+
+    /// The `syscall` instruction in the stub's [vdso], as `prepareStub` (or the parent's, for a
+    /// forked child) found it.
+    var syscallInstruction: UInt64? { stubCaller?.syscallInstruction }
     private var stubScratch: RemoteScratch?
 
     static let options = Int32(STASIS_PTRACE_O_TRACESYSGOOD | STASIS_PTRACE_O_TRACECLONE | STASIS_PTRACE_O_TRACEFORK
